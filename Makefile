@@ -1,0 +1,54 @@
+# One command sets up a fresh clone and runs the tests: `make test`.
+# torch is installed first and pinned so that a CPU machine takes the CPU wheel; override it, e.g.
+#   make test TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+# The oldest peft we support (pyproject says peft>=0.18.1,<0.22); the venv holds the newest.
+PEFT_MIN ?= 0.18.1
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast test-peft-min test-slow test-all train benchmarks clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## The default test run (well under 10 minutes on 2 CPU cores), then the peft lower bound.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-peft-min
+
+## The rankmoe tests again with the oldest supported peft, installed beside the venv (not into it).
+.peft-min-$(PEFT_MIN)/peft: | install
+	$(BIN)/python -m pip install --quiet --no-deps --target .peft-min-$(PEFT_MIN) peft==$(PEFT_MIN)
+
+test-peft-min: .peft-min-$(PEFT_MIN)/peft
+	PYTHONPATH=$(CURDIR)/.peft-min-$(PEFT_MIN) $(BIN)/python -c "import peft; assert peft.__version__ == '$(PEFT_MIN)', peft.__version__; print('peft', peft.__version__)"
+	PYTHONPATH=$(CURDIR)/.peft-min-$(PEFT_MIN) $(BIN)/python -m pytest tests/test_rankmoe.py $(PYTEST_ARGS)
+
+## Slow tests: end-to-end training runs, two processes, kill and resume.
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
+
+## Train one model jointly on the four synthetic tasks (about 5 minutes on 2 CPU cores).
+train: install
+	$(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/train_unistd.py
+
+benchmarks: install
+	$(BIN)/python benchmarks/bench_layers.py
+
+clean:
+	rm -rf $(VENV) .peft-min-* build *.egg-info

@@ -1,0 +1,253 @@
+"""RankMoE tuner layer: E LoRA experts with continuous ranks and a router around an `nn.Linear`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import RankMoEConfig
+from .functional import fractional_rank_mask, hard_rank_mask, route
+
+__all__ = ["RankMoELayer", "Linear", "ExpertSettings"]
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """The non-tensor settings of one adapter on one layer."""
+
+    num_experts: int
+    max_rank: int  # R of the config: the scaling denominator, also after truncation
+    router: str
+    top_k: int | None
+    rank_grad_scale: float
+
+
+class RankMoELayer(BaseTunerLayer):
+    """Mixin holding, per adapter name, the stacked experts, their ranks and the router.
+
+    Tensors (all keyed by adapter name):
+        rankmoe_A: (E, in, R) down projections, initialised like LoRA's A.
+        rankmoe_B: (E, R, out) up projections, zero with `init_weights=True`.
+        rankmoe_rank: (E,) continuous ranks in [0, max_rank], always float32.
+        rankmoe_router: nn.Linear(in, E).
+    R is `max_rank`, or after `discretize_ranks()` + reload the layer's largest integer rank.
+    """
+
+    adapter_layer_names = ("rankmoe_A", "rankmoe_B", "rankmoe_rank", "rankmoe_router")
+    other_param_names = ("scaling", "rankmoe_settings", "rankmoe_dropout", "rank_frozen")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.rankmoe_A = nn.ParameterDict({})
+        self.rankmoe_B = nn.ParameterDict({})
+        self.rankmoe_rank = nn.ParameterDict({})
+        self.rankmoe_router = nn.ModuleDict({})
+        self.rankmoe_dropout = nn.ModuleDict({})
+        self.scaling: dict[str, float] = {}
+        self.rankmoe_settings: dict[str, ExpertSettings] = {}
+        self.rank_frozen: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"RankMoE adapts nn.Linear layers only, got {type(base).__name__}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: RankMoEConfig,
+        num_experts: int,
+        fixed_ranks: list[int] | None = None,
+    ) -> None:
+        """Create the tensors of one adapter. `fixed_ranks`: integer ranks of a discretized adapter being loaded."""
+        if fixed_ranks is not None and len(fixed_ranks) != num_experts:
+            raise ValueError(
+                f"rank_pattern holds {len(fixed_ranks)} ranks for a layer with {num_experts} experts; "
+                "the adapter was saved for another model or config"
+            )
+        columns = config.max_rank if fixed_ranks is None else max(max(fixed_ranks), 1)
+        weight = self.get_base_layer().weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.dtype.is_floating_point else None}
+        self.rankmoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features, columns, **factory))
+        self.rankmoe_B[adapter_name] = nn.Parameter(torch.empty(num_experts, columns, self.out_features, **factory))
+        ranks = torch.full((num_experts,), float(config.init_rank)) if fixed_ranks is None else torch.tensor(
+            [float(r) for r in fixed_ranks]
+        )
+        self.rankmoe_rank[adapter_name] = nn.Parameter(ranks.to(device=weight.device, dtype=torch.float32))
+        self.rankmoe_router[adapter_name] = nn.Linear(self.in_features, num_experts, **factory)
+        self.rankmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.scaling[adapter_name] = config.lora_alpha / config.max_rank
+        self.rankmoe_settings[adapter_name] = ExpertSettings(
+            num_experts, config.max_rank, config.router, config.top_k, config.rank_grad_scale
+        )
+        self.rank_frozen[adapter_name] = fixed_ranks is not None
+        self.reset_rankmoe_parameters(adapter_name, config.init_weights, config.init_rank)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_rankmoe_parameters(self, adapter_name: str, init_weights: bool, init_rank: float) -> None:
+        A, B = self.rankmoe_A[adapter_name], self.rankmoe_B[adapter_name]
+        bound = 1.0 / math.sqrt(self.in_features)  # LoRA's A: kaiming_uniform(a=sqrt(5)) on fan_in = in_features
+        nn.init.uniform_(A, -bound, bound)
+        if init_weights:
+            nn.init.zeros_(B)
+            return
+        # A non-trivial start: every check (save/load, disable, gradients) then sees a real adapter output.
+        nn.init.uniform_(B, -bound, bound)
+        router = self.rankmoe_router[adapter_name]
+        nn.init.normal_(router.weight, std=1.0)
+        nn.init.normal_(router.bias, std=1.0)
+        if not self.rank_frozen[adapter_name]:
+            rank = self.rankmoe_rank[adapter_name]
+            max_rank = self.rankmoe_settings[adapter_name].max_rank
+            offsets = torch.linspace(-1.3, 1.3, rank.numel(), device=rank.device)  # distinct fractional ranks
+            rank.copy_((init_rank + offsets).clamp(0.0, max_rank))
+
+    # --- peft bookkeeping ------------------------------------------------------------------------------------------
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        rank = self.rankmoe_rank[adapter_name]
+        if rank.dtype != torch.float32:  # SGD steps of ~1e-3 on a rank of ~4 vanish in bf16
+            self.rankmoe_rank[adapter_name] = nn.Parameter(rank.float(), requires_grad=rank.requires_grad)
+
+    def freeze_discretized_ranks(self) -> None:
+        """peft turns gradients back on for every adapter tensor in several places; frozen ranks stay frozen."""
+        for name, frozen in self.rank_frozen.items():
+            if frozen and name in self.rankmoe_rank:
+                self.rankmoe_rank[name].requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.freeze_discretized_ranks()
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        self.freeze_discretized_ranks()
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:  # peft >= 0.20 calls this hook
+        self.freeze_discretized_ranks()
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            "RankMoE adapters cannot be merged into the base weights: the router's expert weights depend on each "
+            "input, so no single weight update reproduces the adapter. Keep the PeftModel for inference."
+        )
+
+    def unmerge(self) -> None:
+        """Nothing can be merged (see `merge`), so there is nothing to undo."""
+        self.merged_adapters = []
+
+    # --- the math ----------------------------------------------------------------------------------------------------
+
+    def rank_mask(self, adapter_name: str) -> torch.Tensor:
+        """(E, R) soft mask while ranks are searched, hard 0/1 mask once they are discretized."""
+        rank = self.rankmoe_rank[adapter_name]
+        columns = self.rankmoe_A[adapter_name].shape[-1]
+        if self.rank_frozen[adapter_name]:
+            return hard_rank_mask(rank, columns)
+        return fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
+
+    def expert_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Router weights (..., E), broadcastable against the tokens of `x` (..., in)."""
+        settings = self.rankmoe_settings[adapter_name]
+        router = self.rankmoe_router[adapter_name]
+        if settings.router == "sequence" and x.dim() >= 3:
+            pooled = x.flatten(1, -2).mean(dim=1)  # (B, in): one routing decision per sequence
+            gates = route(router(pooled), settings.top_k)  # (B, E)
+            return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])  # (B, 1.., E)
+        return route(router(x), settings.top_k)  # (..., E): per token (a 2-D input is one token per sample)
+
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
+
+        The E experts run as one (in, E*R) matmul and one (E*R, out) matmul; gate, mask and scaling are folded
+        into one (..., E*R) scale in between.
+        """
+        A = self.rankmoe_A[adapter_name]  # (E, in, R)
+        B = self.rankmoe_B[adapter_name]  # (E, R, out)
+        x = self._cast_input_dtype(x, A.dtype)
+        num_experts, _, columns = A.shape
+        gates = self.expert_gates(adapter_name, x)  # (..., E)
+        column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R) float32
+        scale = (gates.unsqueeze(-1) * column_scale.to(gates.dtype)).flatten(-2)  # (..., E*R)
+        hidden = self.rankmoe_dropout[adapter_name](x) @ A.transpose(0, 1).reshape(self.in_features, -1)  # (..., E*R)
+        return (hidden * scale) @ B.reshape(num_experts * columns, self.out_features)  # (..., out)
+
+
+class Linear(nn.Module, RankMoELayer):
+    """An `nn.Linear` with RankMoE adapters: `y = base(x) + sum over active adapters of adapter_delta(x)`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str,
+        config: RankMoEConfig,
+        num_experts: int,
+        fixed_ranks: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        RankMoELayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_experts, fixed_ranks)
+        self.register_state_dict_post_hook(_truncate_discretized_state)
+        self.register_load_state_dict_pre_hook(_pad_truncated_state)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name in self.rankmoe_A:
+                result = result + self.adapter_delta(name, x).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "rankmoe." + super().__repr__()
+
+
+def _truncate_discretized_state(module: Linear, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """Save A and B of a discretized adapter only up to the layer's largest integer rank (the adapter shrinks)."""
+    for name, frozen in module.rank_frozen.items():
+        if not frozen:
+            continue
+        keep = max(int(module.rankmoe_rank[name].detach().round().max().item()), 1)
+        for key in (f"{prefix}rankmoe_A.{name}", f"{prefix}rankmoe_B.{name}"):
+            if key not in state_dict:
+                continue
+            tensor = state_dict[key]
+            kept = tensor[..., :keep] if key.startswith(f"{prefix}rankmoe_A.") else tensor[:, :keep, :]
+            state_dict[key] = kept.contiguous()  # safetensors refuses views
+
+
+def _pad_truncated_state(module: Linear, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Inverse of `_truncate_discretized_state`, and a clear error for factors saved for another shape."""
+    for name in module.rankmoe_A:
+        for attr in ("rankmoe_A", "rankmoe_B"):
+            key = f"{prefix}{attr}.{name}"
+            if key not in state_dict:
+                continue
+            expected = getattr(module, attr)[name].shape
+            found = state_dict[key].shape
+            rank_dim = 2 if attr == "rankmoe_A" else 1
+            other_dims_match = len(found) == 3 and all(found[d] == expected[d] for d in range(3) if d != rank_dim)
+            if not other_dims_match or found[rank_dim] > expected[rank_dim]:
+                raise ValueError(
+                    f"cannot load {key}: the checkpoint holds shape {tuple(found)}, this model expects "
+                    f"{tuple(expected)} (experts, in, rank) / (experts, rank, out); the adapter was saved for a "
+                    "different model, target module or RankMoEConfig"
+                )
+            missing = expected[rank_dim] - found[rank_dim]
+            if missing:
+                pad = [0, missing] if rank_dim == 2 else [0, 0, 0, missing]
+                state_dict[key] = nn.functional.pad(state_dict[key], pad)

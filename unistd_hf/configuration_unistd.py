@@ -1,0 +1,178 @@
+"""Configuration of UniSTD: the task specs and the model config (a transformers `PretrainedConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import CLIPVisionConfig, PretrainedConfig
+
+__all__ = ["TaskSpec", "UniSTDConfig", "GATE_MODES"]
+
+GATE_MODES = ("scaled", "additive")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Shape and meaning of one forecasting task.
+
+    Args:
+        name: registry name of the task, the `task=` argument of `UniSTDModel.forward`.
+        in_frames: T, the number of observed frames.
+        out_frames: T', the number of frames to predict.
+        channels: C, channels per frame (1 for radar, 2 for in/out flows, 3 for RGB).
+        height: H of a frame in pixels.
+        width: W of a frame in pixels.
+        num_downsample: number of stride-2 encoder blocks; tokens are H/2^n x W/2^n.
+        value_range: range of the raw physical values before the loader maps them to [0, 1].
+        discipline: free text ("trajectory", "traffic", "weather", "driving", ...), for reports.
+    """
+
+    name: str
+    in_frames: int
+    out_frames: int
+    channels: int
+    height: int
+    width: int
+    num_downsample: int = 2
+    value_range: tuple[float, float] = (0.0, 1.0)
+    discipline: str = "generic"
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"TaskSpec.name must be a non-empty string, got {self.name!r}")
+        for attr in ("in_frames", "out_frames", "channels", "height", "width"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TaskSpec {self.name!r}: {attr} must be a positive int, got {value!r}")
+        if not isinstance(self.num_downsample, int) or self.num_downsample < 0:
+            raise ValueError(f"TaskSpec {self.name!r}: num_downsample must be an int >= 0, got {self.num_downsample!r}")
+        factor = 2**self.num_downsample
+        if self.height % factor or self.width % factor:
+            raise ValueError(
+                f"TaskSpec {self.name!r}: height and width ({self.height}x{self.width}) must be divisible by "
+                f"2**num_downsample = {factor}"
+            )
+        low, high = self.value_range
+        if not low < high:
+            raise ValueError(f"TaskSpec {self.name!r}: value_range must be (low, high) with low < high, got {self.value_range!r}")
+        object.__setattr__(self, "value_range", (float(low), float(high)))
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(H', W'): the token grid after the encoder."""
+        factor = 2**self.num_downsample
+        return self.height // factor, self.width // factor
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.in_frames, self.channels, self.height, self.width)
+
+    @property
+    def target_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_frames, self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["value_range"] = list(self.value_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TaskSpec field(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+        data = dict(data)
+        if "value_range" in data:
+            data["value_range"] = tuple(data["value_range"])
+        return cls(**data)
+
+
+def _as_json(data: dict) -> dict:
+    """The dict as it reads back from config.json (e.g. int keys of id2label become str), so round trips compare equal."""
+    return json.loads(json.dumps(data))
+
+
+class UniSTDConfig(PretrainedConfig):
+    """Configuration of `UniSTDModel`.
+
+    Args:
+        backbone: a `CLIPVisionConfig` (or its dict) for a randomly initialised backbone, or a hub id /
+            local directory of a CLIP checkpoint (vision-only or full CLIP) loaded with `from_pretrained`.
+        tasks: the task specs (`TaskSpec` or dicts); one encoder/decoder pair is built per task.
+        hidden_channels: C', the channels of the per-frame conv encoder.
+        temporal_reduction: the down ratio of the temporal adapter's FFN (paper: 6).
+        temporal_gate: "scaled" (`x * 2*sigmoid(o)`, an exact identity at init) or "additive"
+            (the paper's literal `x + sigmoid(o)`).
+        use_temporal_adapter: False removes the temporal adapters (ablation).
+        freeze_backbone: keep the backbone's weights frozen (the paper's setting).
+        group_norm_groups: groups of the encoder/decoder GroupNorm (must divide hidden_channels).
+        pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it in when it
+            loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the backbone's
+            architecture without the original checkpoint, and a later load can check that the checkpoint still
+            matches. None for a config-dict backbone (the dict already is the architecture).
+    """
+
+    model_type = "unistd"
+
+    def __init__(
+        self,
+        backbone: str | dict | CLIPVisionConfig | None = None,
+        tasks: list[TaskSpec | dict] | None = None,
+        hidden_channels: int = 64,
+        temporal_reduction: int = 6,
+        temporal_gate: str = "scaled",
+        use_temporal_adapter: bool = True,
+        freeze_backbone: bool = True,
+        group_norm_groups: int = 8,
+        pretrained_backbone_config: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if backbone is None:
+            backbone = CLIPVisionConfig().to_dict()
+        elif isinstance(backbone, CLIPVisionConfig):
+            backbone = backbone.to_dict()
+        elif not isinstance(backbone, (str, dict)):
+            raise ValueError(f"backbone must be a CLIPVisionConfig, a dict or a hub id / path, got {type(backbone).__name__}")
+        if isinstance(backbone, dict):
+            backbone = _as_json(backbone)
+        self.backbone = backbone
+        specs = [t if isinstance(t, TaskSpec) else TaskSpec.from_dict(t) for t in (tasks or [])]
+        names = [t.name for t in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        self.tasks = [t.to_dict() for t in specs]
+        if hidden_channels < 1 or hidden_channels % group_norm_groups:
+            raise ValueError(
+                f"hidden_channels ({hidden_channels}) must be a positive multiple of group_norm_groups ({group_norm_groups})"
+            )
+        if temporal_reduction < 1:
+            raise ValueError(f"temporal_reduction must be >= 1, got {temporal_reduction}")
+        if temporal_gate not in GATE_MODES:
+            raise ValueError(f"temporal_gate must be one of {GATE_MODES}, got {temporal_gate!r}")
+        self.hidden_channels = hidden_channels
+        self.temporal_reduction = temporal_reduction
+        self.temporal_gate = temporal_gate
+        self.use_temporal_adapter = use_temporal_adapter
+        self.freeze_backbone = freeze_backbone
+        self.group_norm_groups = group_norm_groups
+        if isinstance(pretrained_backbone_config, CLIPVisionConfig):
+            pretrained_backbone_config = pretrained_backbone_config.to_dict()
+        if pretrained_backbone_config is not None and not isinstance(pretrained_backbone_config, dict):
+            raise ValueError(
+                f"pretrained_backbone_config must be a dict or None, got {type(pretrained_backbone_config).__name__}"
+            )
+        self.pretrained_backbone_config = None if pretrained_backbone_config is None else _as_json(pretrained_backbone_config)
+        super().__init__(**kwargs)
+
+    @property
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """Task name -> `TaskSpec`, in config order."""
+        return {t["name"]: TaskSpec.from_dict(t) for t in self.tasks}
+
+    @property
+    def backbone_is_pretrained(self) -> bool:
+        return isinstance(self.backbone, str)
