@@ -39,7 +39,7 @@ class RankMoELayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("rankmoe_A", "rankmoe_B", "rankmoe_rank", "rankmoe_router")
-    other_param_names = ("scaling", "rankmoe_settings", "rankmoe_dropout", "rank_frozen")
+    other_param_names = ("scaling", "rankmoe_settings", "rankmoe_dropout", "rank_frozen", "_inference_cache")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -51,6 +51,7 @@ class RankMoELayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.rankmoe_settings: dict[str, ExpertSettings] = {}
         self.rank_frozen: dict[str, bool] = {}
+        self._inference_cache: dict[str, tuple] = {}  # not a buffer: never saved
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -171,17 +172,38 @@ class RankMoELayer(BaseTunerLayer):
         """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
 
         The E experts run as one (in, E*R) matmul and one (E*R, out) matmul; gate, mask and scaling are folded
-        into one (..., E*R) scale in between.
+        into one (..., E*R) scale in between. Without autograd, only the columns a rank keeps are computed.
         """
         A = self.rankmoe_A[adapter_name]  # (E, in, R)
         B = self.rankmoe_B[adapter_name]  # (E, R, out)
         x = self._cast_input_dtype(x, A.dtype)
-        num_experts, _, columns = A.shape
         gates = self.expert_gates(adapter_name, x)  # (..., E)
+        if not torch.is_grad_enabled():
+            A_active, B_active, expert_of_column = self._active_columns(adapter_name)  # (in, K), (K, out), (K,)
+            hidden = self.rankmoe_dropout[adapter_name](x) @ A_active  # (..., K)
+            return (hidden * gates.index_select(-1, expert_of_column)) @ B_active  # (..., out)
+        num_experts, _, columns = A.shape
         column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R) float32
         scale = (gates.unsqueeze(-1) * column_scale.to(gates.dtype)).flatten(-2)  # (..., E*R)
         hidden = self.rankmoe_dropout[adapter_name](x) @ A.transpose(0, 1).reshape(self.in_features, -1)  # (..., E*R)
         return (hidden * scale) @ B.reshape(num_experts * columns, self.out_features)  # (..., out)
+
+    def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A and B restricted to the columns with a non-zero mask, mask and scaling folded into B; cached until
+        A, B or the ranks change (tracked by their in-place version counters)."""
+        A, B, rank = self.rankmoe_A[adapter_name], self.rankmoe_B[adapter_name], self.rankmoe_rank[adapter_name]
+        key = (A._version, B._version, rank._version, A.data_ptr(), B.data_ptr(), rank.data_ptr(), A.dtype)
+        cached = self._inference_cache.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        num_experts, _, columns = A.shape
+        mask = (self.rank_mask(adapter_name) * self.scaling[adapter_name]).flatten()  # (E*R,)
+        active = mask.nonzero().squeeze(1)  # (K,)
+        A_active = A.transpose(0, 1).reshape(self.in_features, -1).index_select(1, active)  # (in, K)
+        B_active = B.reshape(num_experts * columns, -1).index_select(0, active) * mask[active, None].to(B.dtype)
+        entry = (A_active, B_active, torch.div(active, columns, rounding_mode="floor"))
+        self._inference_cache[adapter_name] = (key, entry)
+        return entry
 
 
 class Linear(nn.Module, RankMoELayer):

@@ -90,6 +90,19 @@ def test_layer_output_matches_formula(router, top_k, ranks):
     torch.testing.assert_close(layer(x2d), reference_layer(layer, x2d), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("router", ["token", "sequence"])
+def test_no_grad_path_matches_and_follows_rank_changes(router):
+    model = build(MLP, ["lin1"], {"router": router, "top_k": 3})
+    layer = model.base_model.model.lin1
+    x = torch.randn(3, 5, 12)
+    for ranks in ([0.0, 1.3, 2.5, 4.0], [3.0, 0.2, 4.0, 1.0]):
+        with torch.no_grad():
+            layer.rankmoe_rank["default"].copy_(torch.tensor(ranks))  # in place: the cache must notice
+            fast = layer(x)
+        torch.testing.assert_close(fast, reference_layer(layer, x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_sequence_router_does_not_mix_samples():
     model = build(MLP, ["lin1"], {"router": "sequence"})
     layer = model.base_model.model.lin1
