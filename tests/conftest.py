@@ -7,6 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny test models are dominated by per-op overhead; on a shared 2-core machine one thread is much faster.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -16,7 +16,13 @@ _EXPORTS = {
     "UniSTDModel": "modeling_unistd",
     "UniSTDOutput": "modeling_unistd",
     "get_unistd_peft_model": "modeling_unistd",
+    "default_rankmoe_config": "modeling_unistd",
+    "load_unistd_peft_model": "modeling_unistd",
+    "save_backbone": "modeling_unistd",
     "parameter_report": "modeling_unistd",
+    "format_parameter_report": "modeling_unistd",
+    "TrainingArguments": "training",
+    "train": "training",
     "load_task": "data",
     "list_tasks": "data",
 }

@@ -92,7 +92,7 @@ class TaskSpec:
 
 
 def _as_json(data: dict) -> dict:
-    """The dict as it reads back from config.json (e.g. int keys of id2label become str), so round trips compare equal."""
+    """The dict as it reads back from config.json (int keys of id2label become str): round trips compare equal."""
     return json.loads(json.dumps(data))
 
 
@@ -110,10 +110,10 @@ class UniSTDConfig(PretrainedConfig):
         use_temporal_adapter: False removes the temporal adapters (ablation).
         freeze_backbone: keep the backbone's weights frozen (the paper's setting).
         group_norm_groups: groups of the encoder/decoder GroupNorm (must divide hidden_channels).
-        pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it in when it
-            loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the backbone's
-            architecture without the original checkpoint, and a later load can check that the checkpoint still
-            matches. None for a config-dict backbone (the dict already is the architecture).
+        pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
+            in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
+            backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
+            still matches. None for a config-dict backbone (the dict already is the architecture).
     """
 
     model_type = "unistd"
@@ -165,7 +165,9 @@ class UniSTDConfig(PretrainedConfig):
             raise ValueError(
                 f"pretrained_backbone_config must be a dict or None, got {type(pretrained_backbone_config).__name__}"
             )
-        self.pretrained_backbone_config = None if pretrained_backbone_config is None else _as_json(pretrained_backbone_config)
+        if pretrained_backbone_config is not None:
+            pretrained_backbone_config = _as_json(pretrained_backbone_config)
+        self.pretrained_backbone_config = pretrained_backbone_config
         super().__init__(**kwargs)
 
     @property

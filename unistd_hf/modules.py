@@ -1,0 +1,227 @@
+"""Small building blocks of UniSTD: per-frame conv encoder/decoder, 2D sinusoidal positions, temporal adapter.
+
+Each block is self-contained and typed; `modeling_unistd.py` only wires them together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .configuration_unistd import GATE_MODES
+
+__all__ = [
+    "init_weights_",
+    "ConvBlock",
+    "UpConvBlock",
+    "FrameEncoder",
+    "FrameDecoder",
+    "TemporalAdapter",
+    "sincos_2d_position_encoding",
+]
+
+@torch.no_grad()
+def init_weights_(module: nn.Module) -> None:
+    """The init rule of every layer UniSTD adds (also `UniSTDModel._init_weights`, so there is one rule).
+
+    Conv: Kaiming normal (SiLU/GELU nets); Linear: truncated normal, std 0.02; biases zero; GroupNorm: (1, 0).
+    A layer may carry `_init_std` to override its weight's std; 0.0 means zero-initialised (see `TemporalAdapter`).
+    Leaves only: transformers skips parameter-less parents when it initialises a model.
+    Uses `nn.init.*` looked up at call time, which transformers guards while it initialises a model, so weights
+    loaded by `from_pretrained` are never overwritten.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        std = getattr(module, "_init_std", None)
+        if std == 0.0:
+            nn.init.zeros_(module.weight)
+        elif std is not None:
+            nn.init.trunc_normal_(module.weight, std=std)
+        elif isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        else:
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.GroupNorm) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ConvBlock(nn.Module):
+    """Conv2d(3x3) -> GroupNorm -> SiLU; stride 2 halves H and W.
+
+    Args:
+        in_channels: channels of the input feature map.
+        out_channels: channels of the output feature map.
+        stride: 1 keeps the resolution, 2 halves it.
+        groups: GroupNorm groups (must divide out_channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(groups, out_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class UpConvBlock(nn.Module):
+    """ConvTranspose2d(4x4, stride 2) -> GroupNorm -> SiLU: exactly doubles H and W.
+
+    Args:
+        in_channels: channels of the input feature map.
+        out_channels: channels of the output feature map.
+        groups: GroupNorm groups (must divide out_channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
+        self.norm = nn.GroupNorm(groups, out_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class FrameEncoder(nn.Module):
+    """Per-frame encoder: (stride-1 block, stride-2 block) x num_downsample, so H' = H / 2^n.
+
+    With num_downsample = 0 it is a single stride-1 block (a C -> C' projection at full resolution).
+
+    Args:
+        in_channels: C, channels of a frame.
+        hidden_channels: C', channels of the token features.
+        num_downsample: number of stride-2 blocks.
+        groups: GroupNorm groups.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, num_downsample: int, groups: int = 8) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [ConvBlock(in_channels, hidden_channels, stride=1, groups=groups)]
+        for i in range(num_downsample):
+            if i > 0:
+                blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
+            blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=2, groups=groups))
+        self.blocks = nn.Sequential(*blocks)
+        self.apply(init_weights_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (B*T, C, H, W) -> (B*T, C', H', W')
+
+
+class FrameDecoder(nn.Module):
+    """Mirror of `FrameEncoder`: (stride-2 transposed block, stride-1 block) x num_downsample, then a 1x1 conv to C.
+
+    The output is linear (no activation): targets live in [0, 1], but a sigmoid saturates on the many exact-0/1
+    pixels of digit, radar and flow fields and slows learning there; clamp predictions to [0, 1] for evaluation.
+
+    Args:
+        hidden_channels: C', channels of the token features.
+        out_channels: C, channels of a predicted frame.
+        num_downsample: number of stride-2 upsampling blocks.
+        groups: GroupNorm groups.
+    """
+
+    def __init__(self, hidden_channels: int, out_channels: int, num_downsample: int, groups: int = 8) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for _ in range(num_downsample):
+            blocks.append(UpConvBlock(hidden_channels, hidden_channels, groups=groups))
+            blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
+        if not blocks:
+            blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(hidden_channels, out_channels, kernel_size=1)
+        self.head._init_std = 0.02  # initial predictions near 0, not unit-variance noise around [0, 1] targets
+        self.apply(init_weights_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))  # (B*T', C', H', W') -> (B*T', C, H, W)
+
+
+def sincos_2d_position_encoding(
+    height: int,
+    width: int,
+    dim: int,
+    *,
+    temperature: float = 10000.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fixed 2D sine-cosine position encoding for an H x W token grid, in row-major token order.
+
+    The first dim/2 channels encode the row, the last dim/2 the column, each as dim/4 sines then dim/4 cosines
+    of geometrically spaced frequencies. Nothing is learned, so any grid (any task resolution) works.
+
+    Returns:
+        (H*W, dim) tensor.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2D sin-cos position encoding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = torch.arange(quarter, device=device, dtype=torch.float64) / quarter
+    omega = 1.0 / temperature**omega  # (dim/4,)
+    rows = torch.arange(height, device=device, dtype=torch.float64)
+    cols = torch.arange(width, device=device, dtype=torch.float64)
+    grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")  # (H, W) each
+    angle_r = grid_r.reshape(-1, 1) * omega  # (H*W, dim/4)
+    angle_c = grid_c.reshape(-1, 1) * omega  # (H*W, dim/4)
+    pos = torch.cat([angle_r.sin(), angle_r.cos(), angle_c.sin(), angle_c.cos()], dim=1)  # (H*W, dim)
+    return pos.to(dtype)
+
+
+class TemporalAdapter(nn.Module):
+    """Gate on the token mean that re-weights a layer's self-attention output (one per backbone layer).
+
+    pooled = mean over tokens (B, 1, D); o = up(GELU(down(pooled))) + moe(pooled); then
+    "scaled": x * 2*sigmoid(o) (exact identity at init, since up and moe start at zero) or
+    "additive": x + sigmoid(o) (the paper's literal form, shifts x by 0.5 at init).
+
+    `temporal_moe` is a frozen, zero Linear: it only exists as the base layer that RankMoE adapts, so its output is
+    the mixture-of-LoRA-experts term alone.
+
+    Args:
+        dim: D, the backbone width.
+        reduction: down ratio of the FFN (paper: 6).
+        gate: "scaled" or "additive".
+    """
+
+    def __init__(self, dim: int, reduction: int = 6, gate: str = "scaled") -> None:
+        super().__init__()
+        if gate not in GATE_MODES:
+            raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+        hidden = max(1, dim // reduction)
+        self.gate = gate
+        self.temporal_down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.temporal_up = nn.Linear(hidden, dim)
+        self.temporal_moe = nn.Linear(dim, dim, bias=False)
+        self.temporal_up._init_std = 0.0  # zero: the gate is exactly 2*sigmoid(0) = 1 at init
+        self.temporal_moe._init_std = 0.0  # zero and frozen: only RankMoE's experts add to it
+        self.temporal_moe.weight.requires_grad_(False)
+        self.apply(init_weights_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, D), the output of a layer's self-attention (before the residual add)
+        dtype = self.temporal_down.weight.dtype
+        pooled = x.mean(dim=1, keepdim=True).to(dtype)  # (B, 1, D)
+        o = self.temporal_up(self.act(self.temporal_down(pooled))) + self.temporal_moe(pooled)  # (B, 1, D)
+        o = o.to(x.dtype)
+        if self.gate == "scaled":
+            return x * (2.0 * torch.sigmoid(o))
+        return x + torch.sigmoid(o)
+
+    def attention_hook(self, module: nn.Module, args: tuple, output: tuple | torch.Tensor) -> tuple | torch.Tensor:
+        """Forward hook for a self-attention module: replaces its output (first element) by `self(output)`.
+
+        A bound method (not a closure) so that `copy.deepcopy` of the model re-binds the hook to the copied adapter.
+        """
+        if isinstance(output, tuple):
+            return (self(output[0]), *output[1:])
+        return self(output)
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate!r}"
