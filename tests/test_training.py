@@ -1,0 +1,263 @@
+"""The training job: through the real command, in two processes, killed and resumed, and its argument checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unistd_hf.training import TrainingArguments, epoch_order, latest_checkpoint, task_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "examples" / "train_unistd.py")
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TINY = [
+    "--tasks", "city_traffic", "moving_digits",
+    "--num_train", "32", "--num_validation", "8", "--num_test", "16",
+    "--backbone_width", "32", "--backbone_layers", "2", "--backbone_heads", "2", "--hidden_channels", "16",
+    "--batch_size", "4", "--eval_batch_size", "8", "--log_every", "4", "--seed", "3",
+]
+
+
+def environment(**extra: str) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+
+
+def launch(args: list[str], *, processes: int = 1, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+    else:
+        command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--cpu"]
+    done = subprocess.run(command + args, env=environment(), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"training failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("datasets-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_cache) -> Path:
+    """One end-to-end run through `accelerate launch examples/train_unistd.py`: 2 tasks, 40 batches."""
+    output = tmp_path_factory.mktemp("run")
+    launch(TINY + ["--output_dir", str(output), "--cache_dir", data_cache, "--epochs", "5", "--rank_search_epochs", "3"])
+    return output
+
+
+# --- unit checks of the schedule ------------------------------------------------------------------------------------
+
+
+def test_task_schedules_are_seeded_and_use_each_batch():
+    counts = {"a": 5, "b": 2, "c": 3}
+    round_robin = task_schedule(counts, "round_robin", seed=0, epoch=0)
+    assert round_robin[:6] == ["a", "b", "c", "a", "b", "c"] and round_robin.count("a") == 5
+    proportional = task_schedule(counts, "proportional", seed=0, epoch=0)
+    assert {t: proportional.count(t) for t in counts} == counts
+    assert proportional == task_schedule(counts, "proportional", seed=0, epoch=0)  # same on every process
+    assert proportional != task_schedule(counts, "proportional", seed=0, epoch=1)
+    hot = task_schedule({"a": 90, "b": 10}, "temperature", seed=0, epoch=0, temperature=1.0)
+    flat = task_schedule({"a": 90, "b": 10}, "temperature", seed=0, epoch=0, temperature=100.0)
+    assert len(hot) == len(flat) == 100 and hot.count("b") < flat.count("b")
+
+
+def test_process_shards_are_disjoint_and_equal():
+    shards = [epoch_order(103, seed=1, epoch=2, task_index=0, rank=r, world_size=3) for r in range(3)]
+    assert all(len(s) == 34 for s in shards)
+    assert len(set(np.concatenate(shards).tolist())) == 102
+
+
+def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000010").mkdir(parents=True)
+    (folder / "step-00000010" / "trainer_state.json").write_text("{}")
+    (folder / ".tmp-step-00000020").mkdir()  # a crash mid-write leaves only this
+    (folder / "step-00000030").mkdir()  # no trainer_state.json: not complete
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+
+
+# --- the real command ----------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_run_learns_searches_ranks_and_reports(tiny_run):
+    log = [json.loads(line) for line in (tiny_run / "logs.jsonl").read_text().splitlines()]
+    for task in ("city_traffic", "moving_digits"):
+        losses = [r[f"loss/{task}"] for r in log if f"loss/{task}" in r]
+        assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), (task, losses)
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert set(report["tasks"]) == {"city_traffic", "moving_digits"}
+    for values in report["tasks"].values():
+        assert {"mse", "psnr", "ssim"} <= set(values["model"]) and values["baseline"]["mse"] > 0
+    assert "rain" not in report["tasks"]
+    # ranks moved away from 4.5 during the search and are integers after it
+    state = json.loads((latest_checkpoint(tiny_run) / "trainer_state.json").read_text())
+    searched = [r for entry in state["rank_history"] if entry["step"] <= 24 for ranks in entry["ranks"].values() for r in ranks]
+    assert max(abs(r - 4.5) for r in searched) > 0.05
+    final = [r for ranks in report["rank_summary"].values() for r in ranks]
+    assert all(float(r).is_integer() for r in final)
+    for name in ("report.md", "ranks.png", "predictions_city_traffic.png", "predictions_moving_digits.png"):
+        assert (tiny_run / name).stat().st_size > 0
+    assert "copy-last-frame" in (tiny_run / "report.md").read_text()
+    assert (tiny_run / "adapter" / "adapter_model.safetensors").exists()
+
+
+RELOAD = """
+import json, sys
+import rankmoe_peft
+from peft import PeftModel
+from unistd_hf.data import load_task
+from unistd_hf.modeling_unistd import load_unistd_peft_model
+from unistd_hf.training import TaskData, evaluate_task
+from unistd_hf.data import get_task, spec_for
+run, cache = sys.argv[1:3]
+model = load_unistd_peft_model(run + "/adapter", backbone=run + "/backbone").eval()
+assert isinstance(model, PeftModel)
+data = load_task("moving_digits", seed=3, cache_dir=cache, num_train=32, num_validation=8, num_test=16)
+info = get_task("moving_digits")
+task = TaskData("moving_digits", spec_for("moving_digits", data), data["train"].with_format("torch"),
+                data["test"].with_format("torch"), info.metrics, info.csi_thresholds)
+print(json.dumps(evaluate_task(model, task, batch_size=8)[0]))
+"""
+
+
+def test_saved_adapter_reloads_in_fresh_process_and_reproduces_metric(tiny_run, data_cache):
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(tiny_run), data_cache], env=environment(),
+                          capture_output=True, text=True, check=True)
+    reloaded = json.loads(done.stdout.strip().splitlines()[-1])
+    reported = json.loads((tiny_run / "report.json").read_text())["tasks"]["moving_digits"]["model"]
+    for metric in ("mse", "psnr", "ssim"):
+        assert reloaded[metric] == pytest.approx(reported[metric], rel=1e-4)
+
+
+def test_predict_entry_point_writes_predictions_and_picture(tiny_run, tmp_path):
+    clip = np.random.default_rng(0).random((10, 1, 64, 64), dtype=np.float32)
+    np.save(tmp_path / "clip.npy", clip)
+    command = [sys.executable, "-m", "unistd_hf.predict", "--adapter", str(tiny_run / "adapter"),
+               "--task", "moving_digits", "--input", str(tmp_path / "clip.npy")]
+    subprocess.run(command, env=environment(), check=True, capture_output=True)
+    predictions = np.load(tmp_path / "clip.pred.npy")
+    assert predictions.shape == (1, 10, 1, 64, 64) and np.isfinite(predictions).all()
+    assert (tmp_path / "clip.pred.png").stat().st_size > 0
+    bad = subprocess.run(command[:-1] + [str(tmp_path / "missing.npy")], env=environment(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+# --- bad arguments: a clear message and a non-zero exit before any training ----------------------------------------
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    from unistd_hf.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_unknown_task_fails_before_training(tmp_path):
+    # through the real script once: the exit code a shell sees
+    done = subprocess.run([sys.executable, SCRIPT, "--tasks", "moving_digits", "no_such_task", "--output_dir",
+                           str(tmp_path / "out")], env=environment(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown task(s) ['no_such_task']" in done.stderr
+    assert "registered tasks" in done.stderr and not (tmp_path / "out" / "logs.jsonl").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_main(["--output_dir", str(blocker / "out")], capsys)
+    assert code == 2 and "is not writable" in err
+
+
+def test_config_file_with_unknown_key_fails(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 2\nlearning_rat: 0.1\n")
+    code, err = run_main(["--config", str(config), "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "unknown key(s) ['learning_rat']" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_values_and_command_line_override(tmp_path):
+    from unistd_hf.cli import parse_training_arguments
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"epochs": 2, "tasks": ["city_traffic"], "learning_rate": 0.5}))
+    args = parse_training_arguments(["--config", str(config), "--epochs", "7"])
+    assert isinstance(args, TrainingArguments)
+    assert (args.epochs, args.tasks, args.learning_rate) == (7, ["city_traffic"], 0.5)
+
+
+def test_non_finite_loss_stops_with_task_and_step(tmp_path, data_cache):
+    done = launch(TINY + ["--output_dir", str(tmp_path), "--cache_dir", data_cache, "--epochs", "1",
+                          "--fail_at_step", "3"], check=False)
+    assert done.returncode != 0
+    assert "non-finite loss" in done.stderr and "at step 3" in done.stderr and "task 'city_traffic'" in done.stderr
+
+
+def test_push_to_hub_sends_adapter_with_model_card(tiny_run, monkeypatch):
+    import huggingface_hub
+
+    from unistd_hf.report import push_adapter
+
+    sent = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, repo_id, folder_path, **kw: sent.update(repo=repo_id, files=sorted(os.listdir(folder_path)),
+                                                                             card=(Path(folder_path) / "README.md").read_text()))
+    report = json.loads((tiny_run / "report.json").read_text())
+    push_adapter(tiny_run / "adapter", "user/unistd-test", report)
+    assert sent["repo"] == "user/unistd-test"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(sent["files"])
+    assert "| moving_digits | mse |" in sent["card"] and "library_name: peft" in sent["card"]
+
+
+# --- slow: two processes, and a real SIGKILL followed by a resume ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_parameters(tmp_path, data_cache):
+    launch(TINY + ["--output_dir", str(tmp_path), "--cache_dir", data_cache, "--epochs", "2", "--rank_search_epochs", "1"],
+           processes=2)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2
+    fingerprints = report["parameter_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, data_cache):
+    common = TINY + ["--cache_dir", data_cache, "--epochs", "4", "--rank_search_epochs", "2", "--checkpoint_every", "6"]
+    launch(common + ["--output_dir", str(tmp_path / "straight")])
+    expected = json.loads((tmp_path / "straight" / "report.json").read_text())
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, SCRIPT, *common, "--output_dir", str(killed_dir)], env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        checkpoint = latest_checkpoint(killed_dir)
+        if checkpoint is not None and int(checkpoint.name.split("-")[1]) >= 18:  # past the discretization (step 16)
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed_dir / "report.json").exists()
+
+    launch(common + ["--output_dir", str(killed_dir), "--resume_from_checkpoint", "latest"])
+    resumed = json.loads((killed_dir / "report.json").read_text())
+    assert resumed["steps"] == expected["steps"]
+    for task, values in expected["tasks"].items():
+        for metric, value in values["model"].items():
+            assert resumed["tasks"][task]["model"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (task, metric)
+    assert resumed["rank_summary"] == expected["rank_summary"]

@@ -1,0 +1,76 @@
+"""Forecast with a saved UniSTD adapter.
+
+    python -m unistd_hf.predict --adapter outputs/unistd/adapter --task moving_digits --input clip.npy
+
+The input is a .npy array (T, C, H, W) or (B, T, C, H, W) in [0, 1] (uint8 is divided by 255). Writes the
+predictions (B, T', C, H, W) float32 to --output (default: <input>.pred.npy) and a picture of the first clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["predict", "main"]
+
+
+def resolve_backbone(adapter_dir: Path, backbone: str | None) -> str | None:
+    """--backbone if given; else the training run's saved random backbone next to the adapter, if present."""
+    if backbone:
+        return backbone
+    sibling = adapter_dir.parent / "backbone"
+    return str(sibling) if (sibling / "config.json").exists() else None
+
+
+def read_input(path: Path) -> torch.Tensor:
+    if not path.is_file():
+        raise ValueError(f"input file {str(path)!r} does not exist")
+    array = np.load(path, allow_pickle=False)
+    if array.ndim == 4:
+        array = array[None]
+    if array.ndim != 5:
+        raise ValueError(f"{path}: expected an array (T, C, H, W) or (B, T, C, H, W), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: expected float values in [0, 1] or uint8, got dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+@torch.no_grad()
+def predict(adapter: str | Path, task: str, inputs: torch.Tensor, backbone: str | None = None) -> torch.Tensor:
+    from .modeling_unistd import load_unistd_peft_model
+
+    model = load_unistd_peft_model(adapter, backbone=resolve_backbone(Path(adapter), backbone)).eval()
+    return model(pixel_values=inputs, task=task).predictions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="folder written by the training run (output_dir/adapter)")
+    parser.add_argument("--task", required=True, help="a task the model was trained on")
+    parser.add_argument("--input", required=True, help=".npy array (T, C, H, W) or (B, T, C, H, W)")
+    parser.add_argument("--output", default=None, help="where to write predictions (.npy)")
+    parser.add_argument("--backbone", default=None, help="backbone folder or hub id, if not the one the run saved")
+    args = parser.parse_args(argv)
+    from .report import plot_prediction_grid
+
+    try:
+        inputs = read_input(Path(args.input))
+        predictions = predict(args.adapter, args.task, inputs, args.backbone)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output = Path(args.output or Path(args.input).with_suffix(".pred.npy"))
+    np.save(output, predictions.float().cpu().numpy())
+    picture = plot_prediction_grid(inputs[0], None, predictions[0], output.with_suffix(".png"), args.task)
+    print(f"predictions {tuple(predictions.shape)} -> {output}; picture -> {picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""What a training run leaves behind: report.json / report.md, prediction grids, the rank plot, the hub push."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = [
+    "build_report",
+    "format_report_markdown",
+    "write_outputs",
+    "plot_prediction_grid",
+    "plot_rank_history",
+    "model_card",
+    "push_adapter",
+]
+
+# Metrics where larger is better; all others (errors) are better when smaller.
+HIGHER_IS_BETTER = ("psnr", "ssim", "csi")
+
+
+def _better(metric: str, model: float, baseline: float) -> bool:
+    return model > baseline if metric.startswith(HIGHER_IS_BETTER) else model < baseline
+
+
+def build_report(args, config, model, results: dict, state: dict, seconds: float, processes: int) -> dict[str, Any]:
+    """Everything measured in one JSON-able dict."""
+    from .modeling_unistd import parameter_report
+
+    parts = parameter_report(model)
+    report: dict[str, Any] = {
+        "tasks": {
+            name: {**values, "beats_baseline_mse": values["model"]["mse"] < values["baseline"]["mse"]}
+            for name, values in results.items()
+        },
+        "parameters": parts,
+        "wall_time_s": round(seconds, 1),
+        "steps": state["global_step"],
+        "processes": processes,
+        "arguments": dataclasses.asdict(args),
+    }
+    if hasattr(model, "rank_summary"):
+        summary = model.rank_summary()
+        report["rank_summary"] = summary
+        report["total_rank"] = sum(sum(r) for r in summary.values())
+    return report
+
+
+def metrics_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per task and metric, model vs copy-last-frame baseline."""
+    rows = ["| task | metric | model | copy-last-frame | model better |", "|---|---|---|---|---|"]
+    for name, values in report["tasks"].items():
+        for metric, value in values["model"].items():
+            baseline = values["baseline"][metric]
+            mark = "yes" if _better(metric, value, baseline) else "no"
+            rows.append(f"| {name} | {metric} | {value:.4f} | {baseline:.4f} | {mark} |")
+    return "\n".join(rows)
+
+
+def format_report_markdown(report: dict[str, Any]) -> str:
+    from .modeling_unistd import format_parameter_report
+
+    lines = [
+        "# UniSTD training report",
+        "",
+        f"{report['steps']} batches on {report['processes']} process(es) in {report['wall_time_s']:.0f} s.",
+        "",
+        "## Test metrics (model vs copy-last-frame baseline)",
+        "",
+        metrics_table(report),
+        "",
+        "MSE/MAE are per pixel; `mse_openstl`/`mae_openstl` sum over C*H*W and average over clips and frames "
+        "(OpenSTL's convention); PSNR and SSIM are per frame, then averaged.",
+        "",
+        "## Parameters",
+        "",
+        format_parameter_report(report["parameters"]),
+    ]
+    if "rank_summary" in report:
+        lines += ["", "## Ranks after the search", "", f"Total rank: {report['total_rank']:.0f}", "",
+                  "| module | ranks per expert |", "|---|---|"]
+        lines += [f"| {name} | {', '.join(f'{r:g}' for r in ranks)} |" for name, ranks in report["rank_summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _frames_as_images(clip: torch.Tensor) -> list[np.ndarray]:
+    """(T, C, H, W) in [0, 1] -> T images: gray for 1 channel, RGB for 3, the first channel otherwise."""
+    clip = clip.detach().float().clamp(0, 1).cpu()
+    if clip.shape[1] == 3:
+        return [frame.permute(1, 2, 0).numpy() for frame in clip]
+    return [frame[0].numpy() for frame in clip]
+
+
+def plot_prediction_grid(inputs, targets, predictions, path: str | Path, title: str = "") -> Path:
+    """One clip: a row of input frames, a row of targets (if given), a row of predictions."""
+    rows = {"input": _frames_as_images(inputs)}
+    if targets is not None:
+        rows["target"] = _frames_as_images(targets)
+    rows["prediction"] = _frames_as_images(predictions)
+    columns = max(len(v) for v in rows.values())
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.4 * len(rows)), squeeze=False)
+    for row, (label, images) in enumerate(rows.items()):
+        for col in range(columns):
+            axis = axes[row][col]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if col < len(images):
+                image = images[col]
+                axis.imshow(image, cmap=None if image.ndim == 3 else "viridis", vmin=0, vmax=1)
+            else:
+                axis.axis("off")
+            if col == 0:
+                axis.set_ylabel(label)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return Path(path)
+
+
+def _module_kind(name: str) -> str:
+    for kind in ("q_proj", "k_proj", "v_proj", "out_proj", "temporal_moe"):
+        if name.endswith(kind):
+            return kind
+    return name.rsplit(".", 1)[-1]
+
+
+def plot_rank_history(history: list[dict], path: str | Path) -> Path:
+    """Left: mean rank per module kind over training (min-max band). Right: final rank per module and expert."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.2]})
+    steps = [h["step"] for h in history]
+    kinds: dict[str, list[list[float]]] = {}
+    for entry in history:
+        per_kind: dict[str, list[float]] = {}
+        for name, ranks in entry["ranks"].items():
+            per_kind.setdefault(_module_kind(name), []).extend(ranks)
+        for kind, values in per_kind.items():
+            kinds.setdefault(kind, []).append(values)
+    for kind, series in kinds.items():
+        values = np.array(series)  # (steps, experts of that kind)
+        left.plot(steps, values.mean(1), label=kind)
+        left.fill_between(steps, values.min(1), values.max(1), alpha=0.15)
+    left.set_xlabel("batch")
+    left.set_ylabel("rank")
+    left.set_title("ranks during training (mean, min-max)")
+    left.legend()
+    final = history[-1]["ranks"]
+    width = max(len(r) for r in final.values())
+    grid = np.full((len(final), width), np.nan)
+    for row, ranks in enumerate(final.values()):
+        grid[row, : len(ranks)] = ranks
+    image = right.imshow(grid, aspect="auto", cmap="magma", vmin=0)
+    right.set_yticks(range(len(final)))
+    right.set_yticklabels([n.replace("backbone.encoder.", "").replace("self_attn.", "") for n in final], fontsize=6)
+    right.set_xlabel("expert")
+    right.set_title("final ranks")
+    figure.colorbar(image, ax=right)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return Path(path)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, state: dict) -> None:
+    """report.json, report.md, predictions_<task>.png, ranks.png."""
+    _write_text_atomically(output / "report.json", json.dumps(report, indent=1))
+    _write_text_atomically(output / "report.md", format_report_markdown(report))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for name, task in tasks.items():
+        clip = task.test[0:1]
+        inputs = clip["inputs"].to(device).float()
+        prediction = model(pixel_values=inputs, task=name).predictions
+        plot_prediction_grid(inputs[0], clip["targets"][0], prediction[0], output / f"predictions_{name}.png", name)
+    model.train(was_training)
+    if state.get("rank_history"):
+        plot_rank_history(state["rank_history"], output / "ranks.png")
+
+
+def model_card(report: dict[str, Any], repo_id: str) -> str:
+    tasks = ", ".join(report["tasks"])
+    return (
+        f"---\nlibrary_name: peft\ntags:\n- rankmoe\n- unistd\n- spatio-temporal-forecasting\n---\n\n"
+        f"# {repo_id}\n\nA UniSTD RankMoE adapter trained jointly on: {tasks}.\n\n"
+        "Load it with `import rankmoe_peft, unistd_hf` and "
+        "`unistd_hf.modeling_unistd.load_unistd_peft_model(<this repo>, backbone=...)`.\n\n"
+        f"## Test metrics\n\n{metrics_table(report)}\n"
+    )
+
+
+def push_adapter(adapter_dir: str | Path, repo_id: str, report: dict[str, Any], token: str | None = None) -> str:
+    """Upload the saved adapter folder with a model card that carries the report table."""
+    from huggingface_hub import HfApi
+
+    adapter_dir = Path(adapter_dir)
+    _write_text_atomically(adapter_dir / "README.md", model_card(report, repo_id))
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(adapter_dir), commit_message="Upload UniSTD adapter")
+    return repo_id
