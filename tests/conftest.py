@@ -11,6 +11,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> str:
+    """A tiny random CLIP vision encoder saved with `save_pretrained`, as a user's local checkpoint."""
+    from helpers import tiny_clip_config
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPVisionModel(tiny_clip_config()).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

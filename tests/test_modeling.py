@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionModel
 
+from helpers import tiny_clip_config
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
 from unistd_hf.modeling_unistd import UniSTDModel, UniSTDOutput, format_parameter_report, parameter_report
 from unistd_hf.modules import TemporalAdapter, sincos_2d_position_encoding
@@ -22,14 +23,6 @@ TASKS = [
     TaskSpec("enso", 12, 14, 1, 24, 48, num_downsample=2, discipline="weather"),
     TaskSpec("kitti", 4, 2, 3, 32, 48, num_downsample=2, discipline="driving"),
 ]
-
-
-def tiny_clip_config(**overrides) -> CLIPVisionConfig:
-    settings = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    settings.update(overrides)
-    return CLIPVisionConfig(**settings)
 
 
 def make_config(backbone=None, tasks=TASKS, **kwargs) -> UniSTDConfig:
@@ -47,24 +40,6 @@ def perturb_temporal_adapters(model: UniSTDModel) -> None:
         for adapter in model.temporal_adapters:
             adapter.temporal_up.weight.normal_(std=0.5)
             adapter.temporal_up.bias.normal_(std=0.5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is ~30x faster than two on a shared, loaded CPU (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    """A tiny random CLIP vision encoder saved with `save_pretrained`."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPVisionModel(tiny_clip_config()).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
+from helpers import tiny_clip_config
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
 from unistd_hf.modeling_unistd import (
     TASK_HEAD_MODULES,
@@ -30,12 +31,6 @@ TASKS = [
     TaskSpec("taxibj", 4, 4, 2, 32, 32, num_downsample=1, discipline="traffic"),
     TaskSpec("enso", 12, 14, 1, 24, 48, num_downsample=2, discipline="weather"),
 ]
-
-
-def tiny_clip_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-    )
 
 
 def make_config(backbone) -> UniSTDConfig:
@@ -65,23 +60,6 @@ def train_steps(model, steps: int = 2) -> None:
         opt_w.zero_grad()
         opt_r.zero_grad()
     model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is ~30x faster than two on a shared, loaded CPU (no spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPVisionModel(tiny_clip_config()).save_pretrained(path)
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import rankmoe_peft
 from rankmoe_peft import RankMoEConfig, fractional_rank_mask, hard_rank_mask
 from rankmoe_peft.layer import RankMoELayer
-from rankmoe_helpers import ATTENTION, MLP, reference_expert, reference_layer, tiny_clip
+from helpers import ATTENTION, MLP, reference_expert, reference_layer, tiny_clip
 
 # One table of cases, many checks (peft's test_custom_models convention).
 CASES = [

@@ -48,7 +48,7 @@ class TrainingArguments:
     output_dir: str = field(default="outputs/unistd", metadata={"help": "Where the adapter, report and checkpoints go."})
     data_dir: str | None = field(default=None, metadata={"help": "OpenSTL data folder for real tasks (mmnist, taxibj, kth)."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder (default: HF datasets cache)."})
-    num_train: int = field(default=384, metadata={"help": "Training clips per synthetic task."})
+    num_train: int = field(default=256, metadata={"help": "Training clips per synthetic task."})
     num_validation: int = field(default=32, metadata={"help": "Validation clips per synthetic task."})
     num_test: int = field(default=64, metadata={"help": "Test clips per synthetic task."})
     backbone: str | None = field(
@@ -57,7 +57,7 @@ class TrainingArguments:
     backbone_width: int = field(default=128, metadata={"help": "Width of the random CLIP (when backbone is None)."})
     backbone_layers: int = field(default=4, metadata={"help": "Layers of the random CLIP."})
     backbone_heads: int = field(default=4, metadata={"help": "Attention heads of the random CLIP."})
-    hidden_channels: int = field(default=32, metadata={"help": "C', channels of the per-frame conv encoders."})
+    hidden_channels: int = field(default=16, metadata={"help": "C', channels of the per-frame conv encoders."})
     use_temporal_adapter: bool = field(default=True, metadata={"help": "Temporal adapters after self-attention."})
     temporal_gate: str = field(default="scaled", metadata={"help": "'scaled' (identity at init) or 'additive'."})
     adapter: str = field(
@@ -82,8 +82,8 @@ class TrainingArguments:
         },
     )
     router: str = field(default="token", metadata={"help": "'token' or 'sequence'."})
-    epochs: int = field(default=6, metadata={"help": "Passes over every task's training split."})
-    rank_search_epochs: int = field(default=3, metadata={"help": "Epochs of rank search before discretization."})
+    epochs: int = field(default=4, metadata={"help": "Passes over every task's training split."})
+    rank_search_epochs: int = field(default=2, metadata={"help": "Epochs of rank search before discretization."})
     batch_size: int = field(default=8, metadata={"help": "Clips per batch and process."})
     eval_batch_size: int = field(default=16, metadata={"help": "Clips per evaluation batch."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the weights."})

@@ -1,4 +1,4 @@
-"""Tiny models and an independent re-implementation of the RankMoE formula, shared by the rankmoe tests."""
+"""Tiny models shared by the tests, and an independent re-implementation of the RankMoE formula."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ class MLP(nn.Module):
         return self.head(self.act(self.lin1(self.act(self.lin0(x)))))
 
 
-def tiny_clip_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def tiny_clip_config(**overrides) -> CLIPVisionConfig:
+    settings = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
     )
+    return CLIPVisionConfig(**{**settings, **overrides})
 
 
 def tiny_clip() -> CLIPVisionModel:
