@@ -43,9 +43,10 @@ test-slow: install
 
 test-all: test test-slow
 
-## Train one model jointly on the four synthetic tasks (about 5 minutes on 2 CPU cores).
+## Train one model jointly on the four synthetic tasks (about 5 minutes on 2 CPU cores); TRAIN_ARGS adds flags.
+TRAIN_ARGS ?=
 train: install
-	$(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/train_unistd.py
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no examples/train_unistd.py $(TRAIN_ARGS)
 
 benchmarks: install
 	$(BIN)/python benchmarks/bench_layers.py
