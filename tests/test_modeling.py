@@ -157,6 +157,18 @@ def test_identity_at_init(clip_dir):
         h.remove()
 
 
+def test_residual_to_last_frame_adds_the_last_observed_frame():
+    spec = TASKS[0]
+    plain = UniSTDModel(make_config(tasks=[spec])).eval()
+    residual = UniSTDModel(make_config(tasks=[spec], residual_to_last_frame=True)).eval()
+    residual.load_state_dict(plain.state_dict())
+    frames, _ = batch(spec)
+    with torch.no_grad():
+        change = plain(pixel_values=frames, task=spec.name).predictions
+        predicted = residual(pixel_values=frames, task=spec.name).predictions
+    torch.testing.assert_close(predicted, change + frames[:, -1:])
+
+
 def test_additive_gate_is_not_identity(clip_dir):
     model = UniSTDModel(make_config(backbone=clip_dir, temporal_gate="additive")).eval()
     x = torch.randn(2, 6, model.width)

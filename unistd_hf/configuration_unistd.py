@@ -110,6 +110,9 @@ class UniSTDConfig(PretrainedConfig):
         use_temporal_adapter: False removes the temporal adapters (ablation).
         freeze_backbone: keep the backbone's weights frozen (the paper's setting).
         group_norm_groups: groups of the encoder/decoder GroupNorm (must divide hidden_channels).
+        residual_to_last_frame: predict the change from the last observed frame (predictions = last frame +
+            decoder output). Off in the paper; it keeps fine detail that the downsampling encoder loses, which
+            matters for slowly changing fields (traffic, weather) and short training runs.
         pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
             in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
             backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
@@ -128,6 +131,7 @@ class UniSTDConfig(PretrainedConfig):
         use_temporal_adapter: bool = True,
         freeze_backbone: bool = True,
         group_norm_groups: int = 8,
+        residual_to_last_frame: bool = False,
         pretrained_backbone_config: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -158,6 +162,7 @@ class UniSTDConfig(PretrainedConfig):
         self.temporal_gate = temporal_gate
         self.use_temporal_adapter = use_temporal_adapter
         self.freeze_backbone = freeze_backbone
+        self.residual_to_last_frame = residual_to_last_frame
         self.group_norm_groups = group_norm_groups
         if isinstance(pretrained_backbone_config, CLIPVisionConfig):
             pretrained_backbone_config = pretrained_backbone_config.to_dict()

@@ -241,6 +241,8 @@ class UniSTDModel(PreTrainedModel):
         x = x.view(B, Hp, Wp, T_out, Cp).permute(0, 3, 4, 1, 2).reshape(B * T_out, Cp, Hp, Wp)  # (B*T', C', H', W')
         x = self.task_decoders[task](x)  # (B*T', C, H, W)
         predictions = x.view(B, T_out, C, H, W)
+        if self.config.residual_to_last_frame:
+            predictions = predictions + pixel_values[:, -1:].to(predictions.dtype)  # change from the last frame
 
         loss = None
         if labels is not None:

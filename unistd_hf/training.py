@@ -60,6 +60,10 @@ class TrainingArguments:
     hidden_channels: int = field(default=16, metadata={"help": "C', channels of the per-frame conv encoders."})
     use_temporal_adapter: bool = field(default=True, metadata={"help": "Temporal adapters after self-attention."})
     temporal_gate: str = field(default="scaled", metadata={"help": "'scaled' (identity at init) or 'additive'."})
+    residual_to_last_frame: bool = field(
+        default=True,
+        metadata={"help": "Predict the change from the last observed frame (off in the paper; see UniSTDConfig)."},
+    )
     adapter: str = field(
         default="rankmoe",
         metadata={
@@ -265,6 +269,7 @@ def build_model(args: TrainingArguments, specs: list[TaskSpec], accelerator: Acc
     config = UniSTDConfig(
         backbone=backbone, tasks=specs, hidden_channels=args.hidden_channels,
         temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter,
+        residual_to_last_frame=args.residual_to_last_frame,
         freeze_backbone=not args.finetune_backbone,
     )
     set_seed(args.seed)
