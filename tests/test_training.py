@@ -20,7 +20,7 @@ SCRIPT = str(ROOT / "examples" / "train_unistd.py")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TINY = [
     "--tasks", "city_traffic", "moving_digits",
-    "--num_train", "32", "--num_validation", "8", "--num_test", "16",
+    "--num_train", "32", "--num_train_per_task", "", "--num_validation", "8", "--num_test", "16",
     "--backbone_width", "32", "--backbone_layers", "2", "--backbone_heads", "2", "--hidden_channels", "16",
     "--batch_size", "4", "--eval_batch_size", "8", "--log_every", "4", "--seed", "3",
 ]
@@ -184,6 +184,13 @@ def test_config_file_with_unknown_key_fails(tmp_path, capsys):
     code, err = run_main(["--config", str(config), "--output_dir", str(tmp_path / "out")], capsys)
     assert code == 2 and "unknown key(s) ['learning_rat']" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_per_task_clip_counts_fail(tmp_path, capsys):
+    code, err = run_main(["--num_train_per_task", "city_trafic=100", "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "unknown task(s) ['city_trafic']" in err
+    code, err = run_main(["--num_train_per_task", "city_traffic=lots", "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "expects 'task=clips,...'" in err
 
 
 def test_config_file_values_and_command_line_override(tmp_path):

@@ -163,7 +163,10 @@ class UniSTDModel(PreTrainedModel):
         self.input_projections = nn.ModuleDict({name: nn.Linear(s.in_frames * hidden, width) for name, s in specs})
         self.output_projections = nn.ModuleDict({name: nn.Linear(width, s.out_frames * hidden) for name, s in specs})
         self.task_decoders = nn.ModuleDict(
-            {name: FrameDecoder(hidden, s.channels, s.num_downsample, groups) for name, s in specs}
+            {
+                name: FrameDecoder(hidden, s.channels, s.num_downsample, groups, zero_head=config.residual_to_last_frame)
+                for name, s in specs
+            }
         )
 
         # One temporal adapter per backbone layer, run as a forward hook on the layer's self-attention so that the

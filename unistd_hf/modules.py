@@ -123,9 +123,12 @@ class FrameDecoder(nn.Module):
         out_channels: C, channels of a predicted frame.
         num_downsample: number of stride-2 upsampling blocks.
         groups: GroupNorm groups.
+        zero_head: zero-initialise the output conv (the decoder then starts by predicting 0).
     """
 
-    def __init__(self, hidden_channels: int, out_channels: int, num_downsample: int, groups: int = 8) -> None:
+    def __init__(
+        self, hidden_channels: int, out_channels: int, num_downsample: int, groups: int = 8, zero_head: bool = False
+    ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         for _ in range(num_downsample):
@@ -135,7 +138,9 @@ class FrameDecoder(nn.Module):
             blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(hidden_channels, out_channels, kernel_size=1)
-        self.head._init_std = 0.02  # initial predictions near 0, not unit-variance noise around [0, 1] targets
+        # initial predictions near 0, not unit-variance noise around [0, 1] targets; exactly 0 when the model
+        # predicts a change from the last frame (it then starts as the copy-last-frame forecast)
+        self.head._init_std = 0.0 if zero_head else 0.02
         self.apply(init_weights_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
