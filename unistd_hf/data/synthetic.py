@@ -522,54 +522,38 @@ def load_moving_digits(
     return _load_synthetic("moving_digits", seed, sizes, options, cache_dir, key)
 
 
-def load_city_traffic(
-    data_dir: str | None = None,
-    seed: int = 0,
-    num_train: int = 1000,
-    num_validation: int = 100,
-    num_test: int = 200,
-    cache_dir: str | None = None,
-) -> datasets.DatasetDict:
-    """City crowd flows, 4 -> 4 frames of 2x32x32 (inflow, outflow) in [0, 1] (traffic discipline).
+def _simulated_task_loader(task: str, summary: str) -> Callable[..., datasets.DatasetDict]:
+    """The loader of a simulated task whose only options are the split sizes and the cache folder."""
 
-    One city per seed (the same in all splits); each clip starts at a random 30-minute slot of the week.
-    `data_dir` is unused; `num_*` are clips per split; `cache_dir` as in `load_task`.
-    """
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
-    return _load_synthetic("city_traffic", seed, sizes, {}, cache_dir)
+    def load(
+        data_dir: str | None = None,
+        seed: int = 0,
+        num_train: int = 1000,
+        num_validation: int = 100,
+        num_test: int = 200,
+        cache_dir: str | None = None,
+    ) -> datasets.DatasetDict:
+        sizes = {"train": num_train, "validation": num_validation, "test": num_test}
+        return _load_synthetic(task, seed, sizes, {}, cache_dir)
 
-
-def load_rain_nowcast(
-    data_dir: str | None = None,
-    seed: int = 0,
-    num_train: int = 1000,
-    num_validation: int = 100,
-    num_test: int = 200,
-    cache_dir: str | None = None,
-) -> datasets.DatasetDict:
-    """Rain nowcasting, 13 -> 12 frames of 1x64x64 VIL-like levels in [0, 1] (weather discipline).
-
-    CSI thresholds: `RAIN_CSI_THRESHOLDS`, SEVIR's VIL levels (16, 74, 133, 160, 181, 219) / 255.
-    `data_dir` is unused; `num_*` are clips per split; `cache_dir` as in `load_task`.
-    """
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
-    return _load_synthetic("rain_nowcast", seed, sizes, {}, cache_dir)
+    load.__name__ = load.__qualname__ = f"load_{task}"
+    load.__doc__ = f"{summary}\n\n`data_dir` is unused; `num_*` are clips per split; `cache_dir` as in `load_task`."
+    return load
 
 
-def load_robot_shapes(
-    data_dir: str | None = None,
-    seed: int = 0,
-    num_train: int = 1000,
-    num_validation: int = 100,
-    num_test: int = 200,
-    cache_dir: str | None = None,
-) -> datasets.DatasetDict:
-    """Robot pushing-like scenes, 2 -> 10 frames of 3x64x64 RGB in [0, 1] (driving/robot discipline).
-
-    `data_dir` is unused; `num_*` are clips per split; `cache_dir` as in `load_task`.
-    """
-    sizes = {"train": num_train, "validation": num_validation, "test": num_test}
-    return _load_synthetic("robot_shapes", seed, sizes, {}, cache_dir)
+load_city_traffic = _simulated_task_loader(
+    "city_traffic",
+    "City crowd flows, 4 -> 4 frames of 2x32x32 (inflow, outflow) in [0, 1] (traffic discipline).\n\n"
+    "One city per seed (the same in all splits); each clip starts at a random 30-minute slot of the week.",
+)
+load_rain_nowcast = _simulated_task_loader(
+    "rain_nowcast",
+    "Rain nowcasting, 13 -> 12 frames of 1x64x64 VIL-like levels in [0, 1] (weather discipline).\n\n"
+    "CSI thresholds: `RAIN_CSI_THRESHOLDS`, SEVIR's VIL levels (16, 74, 133, 160, 181, 219) / 255.",
+)
+load_robot_shapes = _simulated_task_loader(
+    "robot_shapes", "Robot pushing-like scenes, 2 -> 10 frames of 3x64x64 RGB in [0, 1] (driving/robot discipline)."
+)
 
 
 SPECS = {
