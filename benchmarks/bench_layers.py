@@ -18,7 +18,6 @@ import argparse
 import copy
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model

@@ -177,22 +177,35 @@ class RankMoELayer(BaseTunerLayer):
         A = self.rankmoe_A[adapter_name]  # (E, in, R)
         B = self.rankmoe_B[adapter_name]  # (E, R, out)
         x = self._cast_input_dtype(x, A.dtype)
+        dropout = self.rankmoe_dropout[adapter_name]
+        if not torch.is_grad_enabled() and not (self.training and isinstance(dropout, nn.Dropout)):
+            return self._inference_delta(adapter_name, x)
         gates = self.expert_gates(adapter_name, x)  # (..., E)
-        if not torch.is_grad_enabled():
-            A_active, B_active, expert_of_column = self._active_columns(adapter_name)  # (in, K), (K, out), (K,)
-            hidden = self.rankmoe_dropout[adapter_name](x) @ A_active  # (..., K)
-            return (hidden * gates.index_select(-1, expert_of_column)) @ B_active  # (..., out)
         num_experts, _, columns = A.shape
         column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R) float32
         scale = (gates.unsqueeze(-1) * column_scale.to(gates.dtype)).flatten(-2)  # (..., E*R)
-        hidden = self.rankmoe_dropout[adapter_name](x) @ A.transpose(0, 1).reshape(self.in_features, -1)  # (..., E*R)
+        hidden = dropout(x) @ A.transpose(0, 1).reshape(self.in_features, -1)  # (..., E*R)
         return (hidden * scale) @ B.reshape(num_experts * columns, self.out_features)  # (..., out)
 
-    def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A and B restricted to the columns with a non-zero mask, mask and scaling folded into B; cached until
-        A, B or the ranks change (tracked by their in-place version counters)."""
+    def _inference_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The same delta from the cached active columns: one matmul gives the K kept columns of all experts and
+        the E router logits (a sequence router's mean-token logits are the mean of the token logits: it is linear)."""
+        settings = self.rankmoe_settings[adapter_name]
+        fused, router_bias, expert_of_column, B_active = self._active_columns(adapter_name)
+        hidden, logits = (x @ fused).split([expert_of_column.numel(), settings.num_experts], dim=-1)  # (..., K), (..., E)
+        if settings.router == "sequence" and x.dim() >= 3:
+            logits = logits.flatten(1, -2).mean(dim=1).view(x.shape[0], *([1] * (x.dim() - 2)), -1)  # (B, 1.., E)
+        gates = route(logits + router_bias, settings.top_k)
+        return (hidden * gates.index_select(-1, expert_of_column)) @ B_active  # (..., out)
+
+    def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """[A restricted to the columns with a non-zero mask | router weight] (in, K+E), the router bias, the expert
+        of each kept column (K,) and B's kept rows with mask and scaling folded in (K, out); cached until a factor,
+        the router or a rank changes (tracked by their in-place version counters)."""
         A, B, rank = self.rankmoe_A[adapter_name], self.rankmoe_B[adapter_name], self.rankmoe_rank[adapter_name]
-        key = (A._version, B._version, rank._version, A.data_ptr(), B.data_ptr(), rank.data_ptr(), A.dtype)
+        router = self.rankmoe_router[adapter_name]
+        tensors = (A, B, rank, router.weight, router.bias)
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
         cached = self._inference_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -200,8 +213,10 @@ class RankMoELayer(BaseTunerLayer):
         mask = (self.rank_mask(adapter_name) * self.scaling[adapter_name]).flatten()  # (E*R,)
         active = mask.nonzero().squeeze(1)  # (K,)
         A_active = A.transpose(0, 1).reshape(self.in_features, -1).index_select(1, active)  # (in, K)
+        fused = torch.cat([A_active, router.weight.t().to(A.dtype)], dim=1)  # (in, K+E)
         B_active = B.reshape(num_experts * columns, -1).index_select(0, active) * mask[active, None].to(B.dtype)
-        entry = (A_active, B_active, torch.div(active, columns, rounding_mode="floor"))
+        expert_of_column = torch.div(active, columns, rounding_mode="floor")  # (K,)
+        entry = (fused, router.bias.to(A.dtype), expert_of_column, B_active)
         self._inference_cache[adapter_name] = (key, entry)
         return entry
 

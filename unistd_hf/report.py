@@ -53,6 +53,7 @@ def build_report(args, config, model, results: dict, state: dict, seconds: float
         summary = model.rank_summary()
         report["rank_summary"] = summary
         report["total_rank"] = sum(sum(r) for r in summary.values())
+        report["rank_history"] = state["rank_history"]  # the numbers behind ranks.png
     return report
 
 

@@ -517,7 +517,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                 record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "budget_loss": budget.item(),
                           **{f"loss/{n}": float(np.mean(v)) for n, v in running.items()}}
                 if has_ranks(base_model):
-                    record["total_rank"] = float(base_model.total_rank())
+                    record["total_rank"] = base_model.total_rank().detach().item()
                     state["rank_history"].append({"step": step, "ranks": base_model.rank_summary()})
                 state["log"].append(record)
                 running = {}
