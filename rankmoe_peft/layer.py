@@ -158,15 +158,15 @@ class RankMoELayer(BaseTunerLayer):
             return hard_rank_mask(rank, columns)
         return fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
 
-    def expert_gates(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Router weights (..., E), broadcastable against the tokens of `x` (..., in)."""
+    def expert_gates(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
+        """Router weights (..., E) from per-token router logits (..., E). The sequence router averages the logits
+        over each sequence's tokens, which equals routing its mean token (the router is linear); a 2-D input is
+        one token per sample and is never averaged across the batch."""
         settings = self.rankmoe_settings[adapter_name]
-        router = self.rankmoe_router[adapter_name]
-        if settings.router == "sequence" and x.dim() >= 3:
-            pooled = x.flatten(1, -2).mean(dim=1)  # (B, in): one routing decision per sequence
-            gates = route(router(pooled), settings.top_k)  # (B, E)
-            return gates.view(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])  # (B, 1.., E)
-        return route(router(x), settings.top_k)  # (..., E): per token (a 2-D input is one token per sample)
+        if settings.router == "sequence" and logits.dim() >= 3:
+            pooled = logits.flatten(1, -2).mean(dim=1)  # (B, E): one routing decision per sequence
+            logits = pooled.view(logits.shape[0], *([1] * (logits.dim() - 2)), -1)  # (B, 1.., E)
+        return route(logits, settings.top_k)
 
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
@@ -180,7 +180,7 @@ class RankMoELayer(BaseTunerLayer):
         dropout = self.rankmoe_dropout[adapter_name]
         if not torch.is_grad_enabled() and not (self.training and isinstance(dropout, nn.Dropout)):
             return self._inference_delta(adapter_name, x)
-        gates = self.expert_gates(adapter_name, x)  # (..., E)
+        gates = self.expert_gates(adapter_name, self.rankmoe_router[adapter_name](x))  # (..., E)
         num_experts, _, columns = A.shape
         column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R) float32
         scale = (gates.unsqueeze(-1) * column_scale.to(gates.dtype)).flatten(-2)  # (..., E*R)
@@ -189,13 +189,11 @@ class RankMoELayer(BaseTunerLayer):
 
     def _inference_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The same delta from the cached active columns: one matmul gives the K kept columns of all experts and
-        the E router logits (a sequence router's mean-token logits are the mean of the token logits: it is linear)."""
-        settings = self.rankmoe_settings[adapter_name]
+        the E router logits."""
         fused, router_bias, expert_of_column, B_active = self._active_columns(adapter_name)
-        hidden, logits = (x @ fused).split([expert_of_column.numel(), settings.num_experts], dim=-1)  # (..., K), (..., E)
-        if settings.router == "sequence" and x.dim() >= 3:
-            logits = logits.flatten(1, -2).mean(dim=1).view(x.shape[0], *([1] * (x.dim() - 2)), -1)  # (B, 1.., E)
-        gates = route(logits + router_bias, settings.top_k)
+        num_experts = self.rankmoe_settings[adapter_name].num_experts
+        hidden, logits = (x @ fused).split([expert_of_column.numel(), num_experts], dim=-1)  # (..., K), (..., E)
+        gates = self.expert_gates(adapter_name, logits + router_bias)  # (..., E)
         return (hidden * gates.index_select(-1, expert_of_column)) @ B_active  # (..., out)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
