@@ -212,8 +212,9 @@ def load_tasks(args: TrainingArguments, accelerator: Accelerator) -> dict[str, T
     return tasks
 
 
-def batches_per_epoch(num_clips: int, batch_size: int, world_size: int) -> int:
-    return (num_clips // world_size) // batch_size
+def batch_counts(tasks: dict[str, TaskData], batch_size: int, world_size: int) -> dict[str, int]:
+    """Full batches per epoch of each task on each process (every process gets the same number)."""
+    return {name: (len(task.train) // world_size) // batch_size for name, task in tasks.items()}
 
 
 def epoch_order(num_clips: int, seed: int, epoch: int, task_index: int, rank: int, world_size: int) -> np.ndarray:
@@ -254,7 +255,7 @@ def epoch_batches(
     tasks: dict[str, TaskData], args: TrainingArguments, epoch: int, rank: int, world_size: int
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(task, batch) for every step of the epoch, in schedule order."""
-    counts = {n: batches_per_epoch(len(t.train), args.batch_size, world_size) for n, t in tasks.items()}
+    counts = batch_counts(tasks, args.batch_size, world_size)
     schedule = task_schedule(counts, args.schedule, args.seed, epoch, args.temperature)
     orders = {n: epoch_order(len(t.train), args.seed, epoch, i, rank, world_size) for i, (n, t) in enumerate(tasks.items())}
     used = dict.fromkeys(tasks, 0)
@@ -263,11 +264,6 @@ def epoch_batches(
         used[name] += 1
         clip_ids = orders[name][index * args.batch_size : (index + 1) * args.batch_size]
         yield name, tasks[name].train[clip_ids.tolist()]
-
-
-def steps_in_epoch(tasks: dict[str, TaskData], args: TrainingArguments, world_size: int) -> int:
-    counts = {n: batches_per_epoch(len(t.train), args.batch_size, world_size) for n, t in tasks.items()}
-    return len(task_schedule(counts, args.schedule, args.seed, 0, args.temperature))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,7 +430,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     weight_optimizer = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
     rank_optimizer = torch.optim.SGD(ranks, lr=args.rank_learning_rate, momentum=args.rank_momentum, nesterov=True) if ranks else None
     world = accelerator.num_processes
-    per_epoch = steps_in_epoch(tasks, args, world)
+    per_epoch = sum(batch_counts(tasks, args.batch_size, world).values())  # every schedule has this length
     if per_epoch == 0:
         raise ValueError(f"no full batch of {args.batch_size} clips per process in some task; lower --batch_size")
     total_steps = per_epoch * args.epochs if not args.max_steps else min(args.max_steps, per_epoch * args.epochs)
