@@ -18,6 +18,9 @@ Conventions (and how they relate to OpenSTL's tables):
   covariance). OpenSTL calls scikit-image with its defaults on float frames in [0, 1] and no `data_range`;
   the scikit-image versions it was published with then took the float dtype range (-1, 1), so its tables
   correspond to `ssim(pred, target, window="uniform", data_range=2.0)` (predictions clipped to [0, 1]).
+- `ssim_openstl`: exactly that setting, reported beside `ssim` so our numbers sit next to published tables.
+- `nino34_index`, `nino34_scores`: the three-month moving-averaged Nino3.4 index of ENSO SST frames and its skill
+  (correlation per lead, weighted correlation, MSE), as Earthformer evaluates ICAR-ENSO.
 - `csi(pred, target, threshold)`: critical success index, hits / (hits + misses + false alarms), where an
   event is a value >= threshold (as OpenSTL's SEVIR code). Counts are pooled over the whole set (all clips,
   frames, pixels), and 1e-6 is added to numerator and denominator like OpenSTL, so a set without any
@@ -50,16 +53,20 @@ __all__ = [
     "mae_openstl",
     "mse",
     "mse_openstl",
+    "NINO34_REGION",
+    "nino34_index",
+    "nino34_scores",
     "psnr",
     "psnr_per_frame",
     "rmse",
     "ssim",
+    "ssim_openstl",
     "ssim_per_frame",
 ]
 
 EVALUATE_MODULE_PATH = str(Path(__file__).parent / "metrics_module")  # for `evaluate.load(EVALUATE_MODULE_PATH)`
-METRIC_NAMES = ("mse", "mae", "rmse", "psnr", "ssim", "mse_openstl", "mae_openstl", "csi")
-DEFAULT_METRICS = ("mse", "mae", "rmse", "psnr", "ssim", "mse_openstl", "mae_openstl")
+METRIC_NAMES = ("mse", "mae", "rmse", "psnr", "ssim", "ssim_openstl", "mse_openstl", "mae_openstl", "csi")
+DEFAULT_METRICS = ("mse", "mae", "rmse", "psnr", "ssim", "ssim_openstl", "mse_openstl", "mae_openstl")
 SSIMWindow = Literal["gaussian", "uniform"]
 
 _PSNR_MSE_FLOOR = 1e-10
@@ -169,6 +176,14 @@ def ssim(
     return ssim_per_frame(pred, target, window, data_range).mean()
 
 
+def ssim_openstl(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM as OpenSTL's tables report it: scikit-image's uniform 7x7 window with data range 2 (see module doc).
+
+    Pass predictions clipped to [0, 1] to match those tables (`MetricAccumulator` does).
+    """
+    return ssim(pred, target, window="uniform", data_range=2.0)
+
+
 def csi_counts(pred: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
     """(hits, misses, false_alarms) of the event `value >= threshold`, pooled over everything, float64 (3,)."""
     _check_pair(pred, target)
@@ -204,9 +219,54 @@ def copy_last_frame_baseline(inputs: torch.Tensor, out_frames: int) -> torch.Ten
     return inputs[:, -1:].expand(-1, out_frames, -1, -1, -1)
 
 
+# Nino3.4 on the ICAR-ENSO grid Earthformer uses (24 x 48: latitudes 55S-60N, longitudes 95E-330E, 5 degrees):
+# rows 10-12 = 5S-5N, columns 19-29 = 170W-120W.
+NINO34_REGION = (slice(10, 13), slice(19, 30))
+_NINO34_WEIGHTS = (1.5,) * 4 + (2.0,) * 7 + (3.0,) * 7  # per lead, then 4.0 (the ICAR-ENSO challenge's score)
+
+
+def nino34_index(frames: torch.Tensor, value_range: tuple[float, float], window: int = 3) -> torch.Tensor:
+    """The Nino3.4 index of SST frames (B, T, 1, 24, 48) in [0, 1]: (B, T - window + 1) in degrees C.
+
+    Frames are mapped back to SST anomalies with `value_range` (the loader's (min, max), e.g.
+    `get_task("enso").spec.value_range`), averaged over `NINO34_REGION`, then over `window` consecutive months.
+    """
+    if frames.ndim != 5 or frames.shape[2] != 1 or frames.shape[3] < 13 or frames.shape[4] < 30:
+        raise ValueError(f"nino34_index expects SST frames (B, T, 1, 24, 48), got {tuple(frames.shape)}")
+    if not 1 <= window <= frames.shape[1]:
+        raise ValueError(f"window must be in [1, {frames.shape[1]}] (the frames), got {window}")
+    low, high = value_range
+    sst = frames.double()[:, :, 0] * (high - low) + low  # (B, T, H, W)
+    index = sst[:, :, NINO34_REGION[0], NINO34_REGION[1]].mean(dim=(2, 3))  # (B, T)
+    return index.unfold(1, window, 1).mean(dim=2)  # (B, T - window + 1)
+
+
+def nino34_scores(
+    pred: torch.Tensor, target: torch.Tensor, value_range: tuple[float, float], window: int = 3
+) -> dict[str, float]:
+    """Nino3.4 skill over a set of forecasts (B, T, 1, 24, 48), as Earthformer reports it for ICAR-ENSO.
+
+    Returns `nino34_corr` (the Pearson correlation over the B forecasts of each lead, averaged over leads:
+    "C-Nino3.4-M"), `nino34_wcorr` (weighted by the challenge's 1.5/2/3/4 * log(lead + 1), summed: "C-Nino3.4-WM")
+    and `nino34_mse` (mean squared error of the index).
+    """
+    _check_pair(pred, target)
+    p, t = nino34_index(pred, value_range, window), nino34_index(target, value_range, window)  # (B, L)
+    p0, t0 = p - p.mean(dim=0), t - t.mean(dim=0)
+    corr = (p0 * t0).sum(dim=0) / ((p0.square().sum(dim=0) * t0.square().sum(dim=0)).sqrt() + 1e-6)  # (L,)
+    leads = corr.numel()
+    weights = torch.tensor([(_NINO34_WEIGHTS[i] if i < len(_NINO34_WEIGHTS) else 4.0) for i in range(leads)],
+                           dtype=torch.float64, device=corr.device) * torch.log(torch.arange(1, leads + 1, dtype=torch.float64, device=corr.device))
+    return {
+        "nino34_corr": corr.mean().item(),
+        "nino34_wcorr": (weights * corr).sum().item(),
+        "nino34_mse": (p - t).square().mean().item(),
+    }
+
+
 # Layout of the accumulator's state tensor: these sums, then (hits, misses, false_alarms) per CSI threshold.
-_N_PIXELS, _N_FRAMES, _SSE, _SAE, _SUM_PSNR, _SUM_SSIM = range(6)
-_N_SCALARS = 6
+_N_PIXELS, _N_FRAMES, _SSE, _SAE, _SUM_PSNR, _SUM_SSIM, _SUM_SSIM_OPENSTL = range(7)
+_N_SCALARS = 7
 
 
 class MetricAccumulator:
@@ -286,6 +346,8 @@ class MetricAccumulator:
             update[_SUM_PSNR] = psnr_per_frame(clipped, target, self.data_range).sum()
         if "ssim" in self.metrics:
             update[_SUM_SSIM] = ssim_per_frame(clipped, target, self.ssim_window, self.data_range).sum()
+        if "ssim_openstl" in self.metrics:  # fixed setting, independent of ssim_window and data_range
+            update[_SUM_SSIM_OPENSTL] = ssim_per_frame(clipped, target, "uniform", 2.0).sum()
         for i, threshold in enumerate(self.csi_thresholds):
             start = _N_SCALARS + 3 * i
             update[start : start + 3] = csi_counts(pred, target, threshold)
@@ -308,6 +370,7 @@ class MetricAccumulator:
             "rmse": math.sqrt(state[_SSE].item() / n_pixels),
             "psnr": state[_SUM_PSNR].item() / n_frames,
             "ssim": state[_SUM_SSIM].item() / n_frames,
+            "ssim_openstl": state[_SUM_SSIM_OPENSTL].item() / n_frames,
             "mse_openstl": state[_SSE].item() / n_frames,
             "mae_openstl": state[_SAE].item() / n_frames,
         }

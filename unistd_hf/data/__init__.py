@@ -6,7 +6,8 @@ registered and `get_task(name)` describes a task. See docs/DATA.md for every tas
 
 from __future__ import annotations
 
-from . import generic, real, synthetic  # noqa: F401  (importing a loader module registers its tasks)
+from . import generic, published, real, synthetic  # noqa: F401  (importing a loader module registers its tasks)
+from .paper_tasks import PAPER_TASKS
 from .registry import TaskInfo, get_task, list_tasks, load_task, register_task, spec_for
 
-__all__ = ["TaskInfo", "get_task", "list_tasks", "load_task", "register_task", "spec_for"]
+__all__ = ["PAPER_TASKS", "TaskInfo", "get_task", "list_tasks", "load_task", "register_task", "spec_for"]

@@ -62,14 +62,37 @@ def build_splits(
     version: str,
     cache_dir: str | None = None,
     cache_key: dict[str, Any] | None = None,
-) -> datasets.DatasetDict:
+    max_chunk: int | None = None,
+    streaming: bool = False,
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Build (or reuse from the `datasets` cache) one split per `generators[split] = (fn, kwargs)`.
 
     The cache key is a hash of the task, its generator `version` (bump it when the generating code changes),
     the split, the generator's kwargs and `cache_key` (e.g. file signatures): `datasets` skips generation
     when a build with that key already exists under `cache_dir`.
+
+    Memory: the generators read one clip at a time, and `datasets` holds at most `max_chunk` clips (its
+    `writer_batch_size`; default: its own, 1,000 rows) before writing them to disk, so a split larger than
+    memory builds with about `max_chunk` clips in memory. `streaming=True` writes nothing: it returns an
+    `IterableDatasetDict` whose splits read the files again on every pass.
     """
     features = clip_features(in_shape, out_shape)
+    if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
+        raise ValueError(f"max_chunk must be None or a positive int (clips held before writing), got {max_chunk!r}")
+    # a list in gen_kwargs would be read by `datasets` as shards to split between processes: pass tuples
+    generators = {
+        split: (generator, {k: tuple(v) if isinstance(v, list) else v for k, v in gen_kwargs.items()})
+        for split, (generator, gen_kwargs) in generators.items()
+    }
+    if streaming:
+        return datasets.IterableDatasetDict(
+            {
+                split: datasets.IterableDataset.from_generator(
+                    generator, features=features, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split)
+                )
+                for split, (generator, gen_kwargs) in generators.items()
+            }
+        ).with_format("torch")
     out = {}
     for split, (generator, gen_kwargs) in generators.items():
         fingerprint = Hasher.hash(
@@ -90,6 +113,7 @@ def build_splits(
                 gen_kwargs=gen_kwargs,
                 split=datasets.NamedSplit(split),
                 fingerprint=fingerprint,
+                **({"writer_batch_size": max_chunk} if max_chunk else {}),
             )
         except DatasetGenerationError as error:
             if isinstance(error.__cause__, (ValueError, OSError)):  # a bad input file: show our message, not a wrapper

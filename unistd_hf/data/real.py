@@ -20,7 +20,6 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from PIL import Image
 
-from ..configuration_unistd import TaskSpec
 from ..metrics import DEFAULT_METRICS
 from .builder import (
     Example,
@@ -33,6 +32,7 @@ from .builder import (
     split_rng,
     to_unit,
 )
+from .paper_tasks import PAPER_TASKS
 from .registry import TaskInfo, register_task
 from .synthetic import CHUNK, read_idx_images, render_moving_digits
 
@@ -284,20 +284,20 @@ def load_kth(
     data_dir: str | None = None,
     seed: int = 0,
     in_frames: int = 10,
-    out_frames: int = 20,
+    out_frames: int = 10,
     image_size: int = 128,
     frame_stride: int = 1,
     window_stride: int | None = None,
     validation_persons: Sequence[str] = ("16",),
     cache_dir: str | None = None,
 ) -> datasets.DatasetDict:
-    """KTH human actions as in OpenSTL: grayscale frames, 10 -> 20 at 128x128 by default.
+    """KTH human actions as in OpenSTL: grayscale frames, 10 -> 10 at 128x128 by default (the paper's Table 1).
 
     Args:
         data_dir: folder holding `kth/<action>/<personNN_action_dN_uncomp>/image_NNNN.png` (any image format;
             the frame number is the trailing number of the file name).
         seed: unused (the splits are by person).
-        in_frames, out_frames: frames per clip (OpenSTL: 10 -> 20; 10 -> 40 for its long-term setting).
+        in_frames, out_frames: frames per clip (the paper: 10 -> 10; OpenSTL: 10 -> 20, out_frames=20).
         image_size: side of the square frames after resizing (128 as OpenSTL, 64 for a lighter task).
         frame_stride: keep every `frame_stride`-th frame (temporal subsampling).
         window_stride: frames between the starts of two clips of a sequence; default as OpenSTL:
@@ -344,7 +344,7 @@ def load_kth(
 for _info in (
     TaskInfo(
         name="mmnist",
-        spec=TaskSpec("mmnist", 10, 10, 1, 64, 64, value_range=(0.0, 255.0), discipline="trajectory"),
+        spec=PAPER_TASKS["mmnist"],
         discipline="trajectory",
         metrics=DEFAULT_METRICS,
         csi_thresholds=(),
@@ -354,7 +354,7 @@ for _info in (
     ),
     TaskInfo(
         name="taxibj",
-        spec=TaskSpec("taxibj", 4, 4, 2, 32, 32, value_range=(-1.0, 1.0), discipline="traffic"),
+        spec=PAPER_TASKS["taxibj"],
         discipline="traffic",
         metrics=DEFAULT_METRICS,
         csi_thresholds=(),
@@ -364,9 +364,7 @@ for _info in (
     ),
     TaskInfo(
         name="kth",
-        spec=TaskSpec(
-            "kth", 10, 20, 1, 128, 128, num_downsample=3, value_range=(0.0, 255.0), discipline="human motion"
-        ),
+        spec=PAPER_TASKS["kth"],
         discipline="human motion",
         metrics=DEFAULT_METRICS,
         csi_thresholds=(),

@@ -89,8 +89,9 @@ def spec_for(name: str, dataset: datasets.DatasetDict | datasets.Dataset, discip
     """The `TaskSpec` of loaded data: shapes read from its features, the rest from the registry.
 
     Use this instead of `get_task(name).spec` when a loader's options change the shapes (e.g. KTH's
-    `image_size`, or the generic "array" and "hf_video" loaders). Frames of 64 pixels or less get 2 stride-2
-    encoder blocks, larger ones 3 (a 16x16 token grid for 128x128), fewer when the size is not divisible.
+    `image_size`, or the generic "array" and "hf_video" loaders). Frames of the registered size keep the registered
+    encoder depth (`PAPER_TASKS`: the paper's Table 8); other frames of 64 pixels or less get 2 stride-2 encoder
+    blocks, larger ones 3 (a 16x16 token grid for 128x128), fewer when the size is not divisible.
     """
     split = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
     in_shape = split.features["inputs"].shape
@@ -99,7 +100,10 @@ def spec_for(name: str, dataset: datasets.DatasetDict | datasets.Dataset, discip
         raise ValueError(f"inputs {in_shape} and targets {out_shape} must share (C, H, W)")
     info = _TASKS.get(name)
     T, C, H, W = in_shape
-    wanted = 2 if max(H, W) <= 64 else 3
+    if info is not None and info.spec is not None and (info.spec.height, info.spec.width) == (H, W):
+        wanted = info.spec.num_downsample  # the registered depth (the paper's Table 8 for its ten tasks)
+    else:
+        wanted = 2 if max(H, W) <= 64 else 3
     num_downsample = next(n for n in range(wanted, -1, -1) if H % 2**n == 0 and W % 2**n == 0)
     return TaskSpec(
         name=name,
