@@ -122,6 +122,7 @@ def test_accumulator_equals_metrics_on_concatenation():
         "rmse": M.rmse(pred, target),
         "psnr": M.psnr(pred, target),
         "ssim": M.ssim(pred, target, "uniform"),
+        "ssim_openstl": M.ssim_openstl(pred, target),
         "mse_openstl": M.mse_openstl(pred, target),
         "mae_openstl": M.mae_openstl(pred, target),
         "csi@0.3": M.csi(pred, target, 0.3),

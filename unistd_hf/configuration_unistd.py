@@ -113,6 +113,12 @@ class UniSTDConfig(PretrainedConfig):
         residual_to_last_frame: predict the change from the last observed frame (predictions = last frame +
             decoder output). Off in the paper; it keeps fine detail that the downsampling encoder loses, which
             matters for slowly changing fields (traffic, weather) and short training runs.
+        decoder_skip: give each task decoder SimVP's full-resolution skip: the first encoder stage's features
+            (mapped from the T observed to the T' predicted frames by `modules.SkipTimeMap`) are added to the input
+            of the decoder's last stage, so fine detail need not pass through the H' x W' tokens.
+        loss_l1_weight: weight of an L1 term added to the MSE training loss (`modules.forecast_loss`); 0 is the
+            paper's plain MSE. The L1 term keeps the background exact and edges sharp where MSE alone settles on a
+            blurred mean.
         pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
             in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
             backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
@@ -132,6 +138,8 @@ class UniSTDConfig(PretrainedConfig):
         freeze_backbone: bool = True,
         group_norm_groups: int = 8,
         residual_to_last_frame: bool = False,
+        decoder_skip: bool = True,
+        loss_l1_weight: float = 0.0,
         pretrained_backbone_config: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -163,6 +171,10 @@ class UniSTDConfig(PretrainedConfig):
         self.use_temporal_adapter = use_temporal_adapter
         self.freeze_backbone = freeze_backbone
         self.residual_to_last_frame = residual_to_last_frame
+        if not loss_l1_weight >= 0:
+            raise ValueError(f"loss_l1_weight must be >= 0, got {loss_l1_weight}")
+        self.decoder_skip = decoder_skip
+        self.loss_l1_weight = float(loss_l1_weight)
         self.group_norm_groups = group_norm_groups
         if isinstance(pretrained_backbone_config, CLIPVisionConfig):
             pretrained_backbone_config = pretrained_backbone_config.to_dict()

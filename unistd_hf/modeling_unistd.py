@@ -3,13 +3,13 @@
 Data path for a task with spec (T, T', C, H, W) and n downsampling blocks (H' = H/2^n, W' = W/2^n, N = H'W'):
 
     pixel_values (B, T, C, H, W)
-      -> task_encoders[task] per frame       (B*T, C', H', W')
+      -> task_encoders[task] per frame       (B*T, C', H', W')   [and first-stage features (B*T, C', H, W)]
       -> tokens                              (B, N, T*C')
       -> input_projections[task]             (B, N, D)
       + 2D sin-cos position encoding         (N, D)
       -> backbone.pre_layrnorm, backbone.encoder.layers (each self-attention output re-weighted by a temporal adapter)
       -> output_projections[task]            (B, N, T'*C')
-      -> task_decoders[task] per frame       (B*T', C, H, W)
+      -> task_decoders[task] per frame       (B*T', C, H, W)     [+ skip: first-stage features, T -> T' frames]
       -> predictions                         (B, T', C, H, W)
 
 The CLIP patch embedding, class token and post layernorm exist in `backbone` (so checkpoints load unchanged) but
@@ -27,12 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_unistd import TaskSpec, UniSTDConfig
-from .modules import FrameDecoder, FrameEncoder, TemporalAdapter, init_weights_, sincos_2d_position_encoding
+from .modules import (
+    FrameDecoder,
+    FrameEncoder,
+    TemporalAdapter,
+    forecast_loss,
+    init_weights_,
+    sincos_2d_position_encoding,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -48,6 +54,7 @@ __all__ = [
     "parameter_report",
     "format_parameter_report",
     "TASK_HEAD_MODULES",
+    "check_forecast_inputs",
 ]
 
 # Per-task ModuleDicts; `get_unistd_peft_model` trains and saves `<name>.<task>` for each of them.
@@ -61,7 +68,7 @@ class UniSTDOutput(ModelOutput):
     """Output of `UniSTDModel.forward`.
 
     Args:
-        loss: MSE between predictions and labels (computed in float32), when labels are given.
+        loss: MSE (+ `config.loss_l1_weight` * L1) between predictions and labels, in float32, when labels are given.
         predictions: (B, T', C, H, W) forecast frames; linear output, meant for targets in [0, 1].
         last_hidden_state: (B, N, D) backbone output tokens, N = H'*W' in row-major order.
     """
@@ -164,7 +171,10 @@ class UniSTDModel(PreTrainedModel):
         self.output_projections = nn.ModuleDict({name: nn.Linear(width, s.out_frames * hidden) for name, s in specs})
         self.task_decoders = nn.ModuleDict(
             {
-                name: FrameDecoder(hidden, s.channels, s.num_downsample, groups, zero_head=config.residual_to_last_frame)
+                name: FrameDecoder(
+                    hidden, s.channels, s.num_downsample, groups, zero_head=config.residual_to_last_frame,
+                    in_frames=s.in_frames if config.decoder_skip else None, out_frames=s.out_frames,
+                )
                 for name, s in specs
             }
         )
@@ -219,7 +229,7 @@ class UniSTDModel(PreTrainedModel):
         Args:
             pixel_values: (B, T, C, H, W) observed frames, floating point, finite, scaled to [0, 1].
             task: a task name of the config.
-            labels: (B, T', C, H, W) target frames; gives `loss` (MSE).
+            labels: (B, T', C, H, W) target frames; gives `loss` (MSE + loss_l1_weight * L1).
             return_dict: False returns a tuple (loss?, predictions, last_hidden_state).
         """
         spec = self._check_inputs(pixel_values, task, labels)
@@ -229,7 +239,8 @@ class UniSTDModel(PreTrainedModel):
 
         # per-frame encoder -> tokens
         x = pixel_values.to(_dtype_of(self.task_encoders[task])).flatten(0, 1)  # (B*T, C, H, W)
-        x = self.task_encoders[task](x)  # (B*T, C', H', W')
+        x, first = self.task_encoders[task](x)  # (B*T, C', H', W'), (B*T, C', H, W)
+        skip = first.view(B, T, Cp, H, W) if self.config.decoder_skip else None  # (B, T, C', H, W)
         x = x.view(B, T, Cp, Hp, Wp).permute(0, 3, 4, 1, 2).reshape(B, N, T * Cp)  # (B, N, T*C')
         x = self.input_projections[task](x)  # (B, N, D)
         x = x + sincos_2d_position_encoding(Hp, Wp, D, device=x.device, dtype=x.dtype)  # (B, N, D)
@@ -242,25 +253,33 @@ class UniSTDModel(PreTrainedModel):
         # tokens -> per-frame decoder
         x = self.output_projections[task](hidden.to(_dtype_of(self.output_projections[task])))  # (B, N, T'*C')
         x = x.view(B, Hp, Wp, T_out, Cp).permute(0, 3, 4, 1, 2).reshape(B * T_out, Cp, Hp, Wp)  # (B*T', C', H', W')
-        x = self.task_decoders[task](x)  # (B*T', C, H, W)
+        x = self.task_decoders[task](x, skip)  # (B*T', C, H, W)
         predictions = x.view(B, T_out, C, H, W)
         if self.config.residual_to_last_frame:
             predictions = predictions + pixel_values[:, -1:].to(predictions.dtype)  # change from the last frame
 
         loss = None
         if labels is not None:
-            loss = F.mse_loss(predictions.float(), labels.to(predictions.device).float())
+            loss = forecast_loss(predictions, labels, self.config.loss_l1_weight)
         output = UniSTDOutput(loss=loss, predictions=predictions, last_hidden_state=hidden)
         return output if return_dict else output.to_tuple()
 
     def _check_inputs(self, pixel_values: Any, task: Any, labels: Any) -> TaskSpec:
-        if task not in self.task_specs:
-            raise ValueError(f"unknown task {task!r}; this model was built for tasks {list(self.task_specs)}")
-        spec = self.task_specs[task]
-        _check_frames("pixel_values", pixel_values, spec.input_shape, task, "(B, T, C, H, W)")
-        if labels is not None:
-            _check_frames("labels", labels, spec.target_shape, task, "(B, T', C, H, W)", batch=pixel_values.shape[0])
-        return spec
+        return check_forecast_inputs(self.task_specs, pixel_values, task, labels)
+
+
+def check_forecast_inputs(task_specs: dict[str, TaskSpec], pixel_values: Any, task: Any, labels: Any) -> TaskSpec:
+    """The `TaskSpec` of `task`; a ValueError naming what was expected for an unknown task or wrong frames.
+
+    Shared by every model with UniSTD's calling convention (also the SimVP/TAU references of `baselines.py`).
+    """
+    if task not in task_specs:
+        raise ValueError(f"unknown task {task!r}; this model was built for tasks {list(task_specs)}")
+    spec = task_specs[task]
+    _check_frames("pixel_values", pixel_values, spec.input_shape, task, "(B, T, C, H, W)")
+    if labels is not None:
+        _check_frames("labels", labels, spec.target_shape, task, "(B, T', C, H, W)", batch=pixel_values.shape[0])
+    return spec
 
 
 def _check_frames(

@@ -1,12 +1,25 @@
-"""Small building blocks of UniSTD: per-frame conv encoder/decoder, 2D sinusoidal positions, temporal adapter.
+"""Small building blocks of UniSTD: per-frame conv encoder/decoder, 2D sinusoidal positions, temporal adapter, loss.
 
-Each block is self-contained and typed; `modeling_unistd.py` only wires them together.
+Each block is self-contained and typed; `modeling_unistd.py` (and the SimVP/TAU references in `baselines.py`) only
+wire them together.
+
+The decoder skip (SimVP's full-resolution path). SimVP adds the first encoder stage's features to the input of the
+decoder's last stage, so fine detail does not have to pass through the downsampled latent. SimVP has T' = T and
+pairs frame t with frame t; here T' may differ from T, so `SkipTimeMap` maps the T first-stage feature maps to T':
+each output frame starts as the *last* observed frame's features (the frame closest to the future) plus a learned,
+zero-initialised 1x1 map over the stacked time axis (per channel, T -> T'; grouped by channel because the decoder's
+last 3x3 block mixes channels anyway, and it costs T*T' multiply-adds per pixel and channel instead of (T*C')*(T'*C')).
+Measured against a plain "last frame's features" skip and a full (T*C' -> T'*C') 1x1 conv: see the README and
+`docs/RESULTS.md`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .configuration_unistd import GATE_MODES
 
@@ -16,6 +29,8 @@ __all__ = [
     "UpConvBlock",
     "FrameEncoder",
     "FrameDecoder",
+    "SkipTimeMap",
+    "forecast_loss",
     "TemporalAdapter",
     "sincos_2d_position_encoding",
 ]
@@ -89,7 +104,8 @@ class UpConvBlock(nn.Module):
 class FrameEncoder(nn.Module):
     """Per-frame encoder: (stride-1 block, stride-2 block) x num_downsample, so H' = H / 2^n.
 
-    With num_downsample = 0 it is a single stride-1 block (a C -> C' projection at full resolution).
+    The first stride-1 block is the full-resolution first stage whose output also feeds the decoder's skip; with
+    num_downsample = 0 it is the only block (a C -> C' projection at full resolution).
 
     Args:
         in_channels: C, channels of a frame.
@@ -108,15 +124,48 @@ class FrameEncoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.apply(init_weights_)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)  # (B*T, C, H, W) -> (B*T, C', H', W')
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*T, C, H, W) -> latent (B*T, C', H', W') and first-stage features (B*T, C', H, W) for the skip."""
+        first = self.blocks[0](x)  # (B*T, C', H, W)
+        return self.blocks[1:](first), first
+
+
+class SkipTimeMap(nn.Module):
+    """The first encoder stage's features of T observed frames -> skip features of T' predicted frames.
+
+    skip[t'] = first[T-1] + sum_t W_c[t', t] first[t] per channel c (W zero-initialised): it starts as the last
+    frame's features, and learns which observed frames each predicted frame should draw detail from.
+
+    Args:
+        in_frames: T.
+        out_frames: T'.
+        channels: C', channels of the first-stage features.
+    """
+
+    def __init__(self, in_frames: int, out_frames: int, channels: int) -> None:
+        super().__init__()
+        self.in_frames, self.out_frames, self.channels = in_frames, out_frames, channels
+        self.mix = nn.Conv2d(channels * in_frames, channels * out_frames, kernel_size=1, groups=channels)
+        self.mix._init_std = 0.0  # zero: the skip starts as the last observed frame's features
+        self.apply(init_weights_)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        B, T, C, H, W = first.shape  # (B, T, C', H, W)
+        stacked = first.transpose(1, 2).reshape(B, C * T, H, W)  # (B, C'*T, H, W), channel-major: group c = its T frames
+        mixed = self.mix(stacked).view(B, C, self.out_frames, H, W).transpose(1, 2)  # (B, T', C', H, W)
+        return mixed + first[:, -1:]  # (B, T', C', H, W)
+
+    def extra_repr(self) -> str:
+        return f"in_frames={self.in_frames}, out_frames={self.out_frames}, channels={self.channels}"
 
 
 class FrameDecoder(nn.Module):
     """Mirror of `FrameEncoder`: (stride-2 transposed block, stride-1 block) x num_downsample, then a 1x1 conv to C.
 
-    The output is linear (no activation): targets live in [0, 1], but a sigmoid saturates on the many exact-0/1
-    pixels of digit, radar and flow fields and slows learning there; clamp predictions to [0, 1] for evaluation.
+    With a skip (`in_frames` given), the last full-resolution block receives `upsampled + SkipTimeMap(first stage)`
+    (SimVP's skip, adapted to T' != T). The output is linear (no activation): targets live in [0, 1], but a sigmoid
+    saturates on the many exact-0/1 pixels of digit, radar and flow fields and slows learning there; clamp
+    predictions to [0, 1] for evaluation.
 
     Args:
         hidden_channels: C', channels of the token features.
@@ -124,10 +173,19 @@ class FrameDecoder(nn.Module):
         num_downsample: number of stride-2 upsampling blocks.
         groups: GroupNorm groups.
         zero_head: zero-initialise the output conv (the decoder then starts by predicting 0).
+        in_frames: T, observed frames whose first-stage features feed the skip; None: no skip.
+        out_frames: T', predicted frames (needed with a skip).
     """
 
     def __init__(
-        self, hidden_channels: int, out_channels: int, num_downsample: int, groups: int = 8, zero_head: bool = False
+        self,
+        hidden_channels: int,
+        out_channels: int,
+        num_downsample: int,
+        groups: int = 8,
+        zero_head: bool = False,
+        in_frames: int | None = None,
+        out_frames: int | None = None,
     ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
@@ -136,17 +194,30 @@ class FrameDecoder(nn.Module):
             blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
         if not blocks:
             blocks.append(ConvBlock(hidden_channels, hidden_channels, stride=1, groups=groups))
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(*blocks)  # blocks[-1]: the last stage, at full resolution
+        if in_frames is not None and out_frames is None:
+            raise ValueError("FrameDecoder with a skip (in_frames) also needs out_frames")
+        self.skip = SkipTimeMap(in_frames, out_frames, hidden_channels) if in_frames is not None else None
         self.head = nn.Conv2d(hidden_channels, out_channels, kernel_size=1)
         # initial predictions near 0, not unit-variance noise around [0, 1] targets; exactly 0 when the model
         # predicts a change from the last frame (it then starts as the copy-last-frame forecast)
         self.head._init_std = 0.0 if zero_head else 0.02
         self.apply(init_weights_)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))  # (B*T', C', H', W') -> (B*T', C, H, W)
+    def forward(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """(B*T', C', H', W') [+ first-stage features (B, T, C', H, W)] -> (B*T', C, H, W)."""
+        if (first is None) != (self.skip is None):
+            raise ValueError(
+                "this decoder was built " + ("without" if self.skip is None else "with") + " a skip; pass the "
+                "encoder's first-stage features exactly when it has one"
+            )
+        x = self.blocks[:-1](x)  # (B*T', C', H, W)
+        if self.skip is not None:
+            x = x + self.skip(first).flatten(0, 1)  # (B*T', C', H, W)
+        return self.head(self.blocks[-1](x))  # (B*T', C, H, W)
 
 
+@functools.lru_cache(maxsize=64)  # one tensor per (grid, width, device, dtype): built once, not every step
 def sincos_2d_position_encoding(
     height: int,
     width: int,
@@ -162,7 +233,7 @@ def sincos_2d_position_encoding(
     of geometrically spaced frequencies. Nothing is learned, so any grid (any task resolution) works.
 
     Returns:
-        (H*W, dim) tensor.
+        (H*W, dim) tensor, cached and shared between calls: do not modify it in place.
     """
     if dim % 4:
         raise ValueError(f"the 2D sin-cos position encoding needs a width divisible by 4, got {dim}")
@@ -230,3 +301,16 @@ class TemporalAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gate={self.gate!r}"
+
+
+def forecast_loss(predictions: torch.Tensor, labels: torch.Tensor, l1_weight: float = 0.0) -> torch.Tensor:
+    """MSE + l1_weight * L1 per pixel, in float32 (the one training loss of UniSTD and the SimVP/TAU references).
+
+    An MSE alone is minimised early by blurring toward the mean (a soft grey halo where a digit may be); the L1 term's
+    gradient does not vanish as the error shrinks, which keeps background pixels at exactly 0 and edges sharp.
+    """
+    predictions, labels = predictions.float(), labels.to(predictions.device).float()
+    loss = F.mse_loss(predictions, labels)
+    if l1_weight:
+        loss = loss + l1_weight * F.l1_loss(predictions, labels)
+    return loss
