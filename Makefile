@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-peft-min test-slow test-all train benchmarks clean
+.PHONY: install test test-fast test-peft-min test-slow test-all train pretrain benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ TRAIN_ARGS ?=
 TRAIN_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 train: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process $(TRAIN_THREADS) --mixed_precision no --dynamo_backend no examples/train_unistd.py $(TRAIN_ARGS)
+
+## Stage one: MAE-pretrain the shipped backbone unistd_hf/pretrained/clip-mae-tiny on the images bundled with
+## scikit-image/scikit-learn (about 10 minutes on one CPU thread; see docs/PRETRAINING.md). PRETRAIN_ARGS adds flags.
+PRETRAIN_ARGS ?=
+PRETRAIN_DIR ?= outputs/pretrain/clip-mae-tiny
+pretrain: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m unistd_hf.pretrain --output_dir $(PRETRAIN_DIR) --export_dir unistd_hf/pretrained/clip-mae-tiny --seed 0 --num_threads 1 $(PRETRAIN_ARGS)
 
 benchmarks: install
 	$(BIN)/python benchmarks/bench_layers.py

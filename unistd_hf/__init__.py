@@ -24,6 +24,9 @@ _EXPORTS = {
     "TrainingArguments": "training",
     "train": "training",
     "load_task": "data",
+    "PACKAGED_BACKBONE": "pretrain",
+    "resolve_backbone": "pretrain",
+    "load_backbone": "pretrain",
     "list_tasks": "data",
 }
 
