@@ -586,3 +586,86 @@ def test_missing_library_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"task 'kitticaltech' needs the optional library 'h5py': pip install "
                                           r"\"unistd-hf\[data\]\""):
         load_task("kitticaltech", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the paper's recipe: configs/paper_10tasks.yaml on fixture data of all ten tasks
+
+
+def _write_all_ten(root):
+    """Fixture files of the ten tasks at their published frame sizes (cut to a few sequences)."""
+    from test_data import _write_idx, _write_kth, _write_taxibj
+
+    _write_kitti(root, {"train": [20], "val": [20], "test": [20]}, H=128, W=160)
+    _write_bair(root, {"train": [1, 1], "test": [1]}, frames=12)
+    _write_cityscapes(root, {s: [("aachen", 0, range(7))] for s in ("train", "val", "test")}, H=32, W=64)
+    _write_taxibj(root)
+    _write_sevir(root, {"vil/2018/a.h5": ["2018-05-01 00:00:00"], "vil/2019/b.h5": ["2019-03-01 00:00:00"],
+                        "vil/2019/c.h5": ["2019-08-01 00:00:00"]}, size=384)
+    (root / "moving_mnist").mkdir()
+    rng = np.random.default_rng(0)
+    np.save(root / "moving_mnist" / "mnist_test_seq.npy", rng.integers(0, 256, (20, 2, 64, 64), dtype=np.uint8))
+    _write_idx(root / "moving_mnist" / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28)))
+    _write_kth(root, [("boxing", "01", 20), ("boxing", "16", 20), ("boxing", "20", 20)])
+    _write_human(root, {"S1_Walking.54138969": 0, "S5_Eating.55011271": 1}, frames=36, size=64)
+    (root / "human" / "train.txt").write_text("images/S1_Walking.54138969_,1\nimages/S5_Eating.55011271_,1\n")
+    (root / "human" / "test.txt").write_text("images/S1_Walking.54138969_,1\n")
+    _write_t4c(root, ["BERLIN"], days=3, bins=12, H=495, W=436)
+    _write_enso(root, sst=_enso_records()[:3])  # 3 one-year models: train, validation, test
+
+
+# Loader options that shrink each task for a fast CPU run (frames 32-48 pixels), not a change of code.
+DOWNSCALE = {
+    "kitticaltech": {"scale": 4}, "bair": {"scale": 2}, "cityscapes": {"image_size": 32}, "taxibj": {},
+    "sevir": {"scale": 8}, "mmnist": {"num_train": 2, "num_validation": 1}, "kth": {"image_size": 32},
+    "human": {"image_size": 32}, "traffic4cast": {"grid": (16, 14), "pool": 32}, "enso": {"models": ((1, 1), (2, 1))},
+}
+
+
+def test_paper_config_runs_two_steps_on_all_ten_tasks(tmp_path):
+    from accelerate import Accelerator
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from unistd_hf.cli import parse_training_arguments, read_config_file
+    from unistd_hf.training import validate_arguments
+    from unistd_hf.training.models import build_model, weight_parameters
+
+    config = read_config_file("configs/paper_10tasks.yaml")
+    assert config["backbone"] == "openai/clip-vit-base-patch16" and config["tasks"] == list(PAPER_TASKS)
+    assert (config["learning_rate"], config["weight_decay"], config["epochs"], config["batch_size"]) == (
+        0.01, 0.05, 90, 16)
+    assert (config["budget_weight"], config["num_experts"], config["out_proj_experts"], config["init_rank"]) == (
+        1.0, 6, 2, 4.5)
+    clip_dir = tmp_path / "clip"  # the layout of ViT-B/16 (patch 16, MLP ratio 4), narrower and shallower
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                     patch_size=16, image_size=224)).save_pretrained(clip_dir)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_all_ten(data_dir)
+    args = parse_training_arguments(["--config", "configs/paper_10tasks.yaml", "--backbone", str(clip_dir),
+                                     "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "run"),
+                                     "--batch_size", "2", "--mixed_precision", "no"])
+    validate_arguments(args)
+    assert (args.learning_rate, args.weight_decay, args.num_experts, args.init_rank) == (0.01, 0.05, 6, 4.5)
+    data = {name: load_task(name, data_dir=str(data_dir), cache_dir=str(tmp_path / "c"), **DOWNSCALE[name])
+            for name in args.tasks}
+    specs = [spec_for(name, data[name]) for name in args.tasks]
+    for spec in specs:  # the paper's frames and channels; only the pixels are fewer
+        paper = PAPER_TASKS[spec.name]
+        assert (spec.in_frames, spec.out_frames, spec.channels) == (paper.in_frames, paper.out_frames, paper.channels)
+        assert spec.height <= 64 and spec.width <= 64
+    model, _ = build_model(args, specs, Accelerator(cpu=True))
+    weights = weight_parameters(model)
+    optimizer = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
+    before = [p.detach().clone() for p in weights]
+    for _ in range(2):  # two optimizer steps, each over one batch of every task
+        optimizer.zero_grad()
+        for name in args.tasks:
+            batch = data[name]["train"][: args.batch_size]
+            out = model(pixel_values=batch["inputs"].float(), task=name, labels=batch["targets"].float())
+            assert torch.isfinite(out.loss) and out.predictions.shape == batch["targets"].shape
+            out.loss.backward()
+        (args.budget_weight * model.rank_budget_loss()).backward()
+        optimizer.step()
+    changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, weights))
+    assert changed > len(weights) // 2  # every task's head and the shared adapters moved
