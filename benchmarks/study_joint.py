@@ -111,9 +111,9 @@ def sizes(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_clips(common: dict[str, Any], task: str) -> int:
     """Training clips of one task: --num_train unless --num_train_per_task overrides it."""
-    from unistd_hf.training import train_clip_overrides
+    from unistd_hf.training import parse_clip_counts
 
-    return train_clip_overrides(common.get("num_train_per_task", "")).get(task, int(common["num_train"]))
+    return parse_clip_counts(common.get("num_train_per_task", "")).get(task, int(common["num_train"]))
 
 
 def schedule_for(common: dict[str, Any], tasks: list[str], search_fraction: float, adapter: str) -> dict[str, int]:

@@ -15,10 +15,13 @@ from .config import RankMoEConfig  # noqa: E402
 from .functional import FractionalRankMask, fractional_rank_mask, hard_rank_mask, route  # noqa: E402
 from .layer import Linear, RankMoELayer  # noqa: E402
 from .model import RankMoEModel  # noqa: E402
+from .search import RankSearch, RankSearchCallback  # noqa: E402
 
 __all__ = [
     "RankMoEConfig",
     "RankMoEModel",
+    "RankSearch",
+    "RankSearchCallback",
     "RankMoELayer",
     "Linear",
     "FractionalRankMask",

@@ -12,7 +12,8 @@ from transformers import CLIPVisionModel
 
 from helpers import tiny_clip_config
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
-from unistd_hf.modeling_unistd import UniSTDModel, UniSTDOutput, format_parameter_report, parameter_report
+from unistd_hf.modeling_unistd import UniSTDModel, UniSTDOutput
+from unistd_hf.report import format_parameter_report, parameter_report
 from unistd_hf.modules import TemporalAdapter, sincos_2d_position_encoding
 
 # Table 1 of the paper, scaled down (frames as in the paper, smaller frames/resolutions where it keeps tests fast).

@@ -16,15 +16,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
 from helpers import tiny_clip_config
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
-from unistd_hf.modeling_unistd import (
-    TASK_HEAD_MODULES,
-    UniSTDModel,
-    default_rankmoe_config,
-    get_unistd_peft_model,
-    load_unistd_peft_model,
-    parameter_report,
-    save_backbone,
-)
+from unistd_hf.modeling_unistd import TASK_HEAD_MODULES, UniSTDModel
+from unistd_hf.peft_integration import default_rankmoe_config, get_unistd_peft_model, load_unistd_peft_model, save_backbone
+from unistd_hf.report import parameter_report
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = [
@@ -157,7 +151,7 @@ def test_parameter_report_peft(clip_dir):
 _RELOAD_SCRIPT = """
 import sys, torch
 from safetensors.torch import load_file, save_file
-from unistd_hf.modeling_unistd import load_unistd_peft_model
+from unistd_hf.peft_integration import load_unistd_peft_model
 adapter_dir, data, out = sys.argv[1:4]
 model = load_unistd_peft_model(adapter_dir).eval()
 inputs = load_file(data)

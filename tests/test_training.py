@@ -119,16 +119,13 @@ import json, sys
 import rankmoe_peft
 from peft import PeftModel
 from unistd_hf.data import load_task
-from unistd_hf.modeling_unistd import load_unistd_peft_model
-from unistd_hf.training import TaskData, evaluate_task
-from unistd_hf.data import get_task, spec_for
+from unistd_hf.peft_integration import load_unistd_peft_model
+from unistd_hf.training import evaluate_task, task_data
 run, cache = sys.argv[1:3]
 model = load_unistd_peft_model(run + "/adapter", backbone=run + "/backbone").eval()
 assert isinstance(model, PeftModel)
 data = load_task("moving_digits", seed=3, cache_dir=cache, num_train=32, num_validation=8, num_test=16)
-info = get_task("moving_digits")
-task = TaskData("moving_digits", spec_for("moving_digits", data), data["train"].with_format("torch"),
-                data["test"].with_format("torch"), info.metrics, info.csi_thresholds)
+task = task_data("moving_digits", data)
 print(json.dumps(evaluate_task(model, task, batch_size=8)[0]))
 """
 

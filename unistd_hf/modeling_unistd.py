@@ -14,16 +14,15 @@ Data path for a task with spec (T, T', C, H, W) and n downsampling blocks (H' = 
 
 The CLIP patch embedding, class token and post layernorm exist in `backbone` (so checkpoints load unchanged) but
 are not used. The backbone keeps CLIP's module names (`backbone.encoder.layers.0.self_attn.q_proj`), which is what
-the RankMoE target modules of `get_unistd_peft_model` match.
+the RankMoE target modules of `get_unistd_peft_model` (unistd_hf/peft_integration.py) match.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -40,24 +39,9 @@ from .modules import (
     sincos_2d_position_encoding,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from peft import PeftModel
+__all__ = ["UniSTDOutput", "UniSTDModel", "load_clip_backbone", "check_forecast_inputs", "TASK_HEAD_MODULES"]
 
-__all__ = [
-    "UniSTDOutput",
-    "UniSTDModel",
-    "load_clip_backbone",
-    "default_rankmoe_config",
-    "get_unistd_peft_model",
-    "load_unistd_peft_model",
-    "save_backbone",
-    "parameter_report",
-    "format_parameter_report",
-    "TASK_HEAD_MODULES",
-    "check_forecast_inputs",
-]
-
-# Per-task ModuleDicts; `get_unistd_peft_model` trains and saves `<name>.<task>` for each of them.
+# Per-task ModuleDicts; `get_unistd_peft_model` (unistd_hf/peft_integration.py) trains and saves `<name>.<task>`.
 TASK_HEAD_MODULES = ("task_encoders", "input_projections", "output_projections", "task_decoders")
 # Architecture fields that must agree between a recorded backbone config and the checkpoint loaded later.
 _BACKBONE_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -148,6 +132,9 @@ class UniSTDModel(PreTrainedModel):
     base_model_prefix = "unistd"
     main_input_name = "pixel_values"
     _no_split_modules = ["CLIPEncoderLayer"]
+    # Value checks of the inputs (finite, within [0, 1]) read the tensor back to the host. The training loop turns
+    # them off (`model.check_input_values = False`): its data was checked once, where the loaders read it.
+    check_input_values: bool = True
 
     def __init__(self, config: UniSTDConfig) -> None:
         super().__init__(config)
@@ -265,10 +252,15 @@ class UniSTDModel(PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _check_inputs(self, pixel_values: Any, task: Any, labels: Any) -> TaskSpec:
-        return check_forecast_inputs(self.task_specs, pixel_values, task, labels)
+        return check_forecast_inputs(self.task_specs, pixel_values, task, labels, self.check_input_values)
 
 
-def check_forecast_inputs(task_specs: dict[str, TaskSpec], pixel_values: Any, task: Any, labels: Any) -> TaskSpec:
+VALUE_TOLERANCE = 1e-3  # frames may overshoot [0, 1] by this much (float16 storage, resampling)
+
+
+def check_forecast_inputs(
+    task_specs: dict[str, TaskSpec], pixel_values: Any, task: Any, labels: Any, check_values: bool = True
+) -> TaskSpec:
     """The `TaskSpec` of `task`; a ValueError naming what was expected for an unknown task or wrong frames.
 
     Shared by every model with UniSTD's calling convention (also the SimVP/TAU references of `baselines.py`).
@@ -276,16 +268,19 @@ def check_forecast_inputs(task_specs: dict[str, TaskSpec], pixel_values: Any, ta
     if task not in task_specs:
         raise ValueError(f"unknown task {task!r}; this model was built for tasks {list(task_specs)}")
     spec = task_specs[task]
-    _check_frames("pixel_values", pixel_values, spec.input_shape, task, "(B, T, C, H, W)")
+    _check_frames("pixel_values", pixel_values, spec.input_shape, task, "(B, T, C, H, W)", check_values=check_values)
     if labels is not None:
-        _check_frames("labels", labels, spec.target_shape, task, "(B, T', C, H, W)", batch=pixel_values.shape[0])
+        _check_frames("labels", labels, spec.target_shape, task, "(B, T', C, H, W)", batch=pixel_values.shape[0],
+                      check_values=check_values)
     return spec
 
 
 def _check_frames(
-    name: str, value: Any, frame_shape: tuple[int, ...], task: str, dims: str, batch: int | None = None
+    name: str, value: Any, frame_shape: tuple[int, ...], task: str, dims: str, batch: int | None = None,
+    check_values: bool = True,
 ) -> None:
-    """ValueError naming the expected (B, *frame_shape) for a wrong type, dtype, shape, batch or non-finite value."""
+    """ValueError naming the expected (B, *frame_shape) for a wrong type, dtype, shape, batch, or (with
+    `check_values`) a non-finite value or one outside [0, 1]."""
     expected = f"{dims} = ({'B' if batch is None else batch}, {', '.join(map(str, frame_shape))})"
     if not isinstance(value, torch.Tensor):
         raise ValueError(
@@ -298,180 +293,15 @@ def _check_frames(
     shape_ok = value.dim() == 5 and tuple(value.shape[1:]) == tuple(frame_shape) and value.shape[0] > 0
     if not shape_ok or (batch is not None and value.shape[0] != batch):
         raise ValueError(f"{name} for task {task!r} must have shape {expected}, got {tuple(value.shape)}")
+    if not check_values:
+        return
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise ValueError(f"{name} for task {task!r} must be finite, got {bad} NaN/inf value(s) of {value.numel()}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PEFT: the paper's RankMoE setting in one call, and its reload
-
-
-def default_rankmoe_config(config: UniSTDConfig, **overrides: Any):
-    """The paper's RankMoE setting for a UniSTD model (returns a `rankmoe_peft.RankMoEConfig`).
-
-    RankMoE on q/k/v/out_proj of every backbone layer (6/6/6/2 experts) and on each temporal adapter's
-    `temporal_moe` (2 experts), max rank 8, initial rank 4.5, token routing; the task heads and the temporal FFNs
-    trained and saved with the adapter (`modules_to_save`); `base_model_config` = the UniSTD config, which is how
-    `load_unistd_peft_model` rebuilds the base model. Keyword overrides replace any field.
-    """
-    from rankmoe_peft import RankMoEConfig
-
-    modules_to_save = [f"{head}.{task}" for head in TASK_HEAD_MODULES for task in config.task_specs]
-    if config.use_temporal_adapter:
-        modules_to_save += ["temporal_down", "temporal_up"]
-    settings: dict[str, Any] = dict(
-        target_modules=(
-            r"backbone\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
-            r"|temporal_adapters\.\d+\.temporal_moe"
-        ),
-        num_experts=6,
-        num_experts_pattern={"out_proj": 2, "temporal_moe": 2},
-        max_rank=8,
-        init_rank=4.5,
-        lora_alpha=8.0,
-        router="token",
-        modules_to_save=modules_to_save,
-        base_model_config=config.to_dict(),
-    )
-    settings.update(overrides)
-    return RankMoEConfig(**settings)
-
-
-def get_unistd_peft_model(
-    config: UniSTDConfig, rankmoe_config: Any = None, adapter_name: str = "default"
-) -> "PeftModel":
-    """Build `UniSTDModel(config)` and wrap it with RankMoE (`None`: `default_rankmoe_config`, the paper's setting).
-
-    The backbone stays frozen and is not saved with the adapter; save with `save_pretrained` and reload with
-    `load_unistd_peft_model`. A given `rankmoe_config` without `base_model_config` gets the model's config filled in.
-    """
-    import peft
-
-    import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
-
-    model = UniSTDModel(config)
-    if rankmoe_config is None:
-        rankmoe_config = default_rankmoe_config(model.config)
-    elif getattr(rankmoe_config, "base_model_config", None) is None:
-        rankmoe_config = dataclasses.replace(rankmoe_config, base_model_config=model.config.to_dict())
-    return peft.get_peft_model(model, rankmoe_config, adapter_name=adapter_name)
-
-
-def load_unistd_peft_model(
-    adapter_dir: str | Path,
-    backbone: str | Path | None = None,
-    is_trainable: bool = False,
-    adapter_name: str = "default",
-) -> "PeftModel":
-    """Rebuild a model saved by `get_unistd_peft_model(...).save_pretrained(adapter_dir)`.
-
-    The UniSTD config is read from the adapter config's `base_model_config`. The backbone weights are not in the
-    adapter: they come from the config's backbone hub id / path, or from `backbone` (a directory written by
-    `save_backbone(model, directory)`, or a hub id / CLIP checkpoint directory), which is required when the model was
-    built on a randomly initialised backbone config.
-    """
-    import peft
-
-    import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
-
-    peft_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    base_model_config = getattr(peft_config, "base_model_config", None)
-    if not base_model_config:
+    low, high = float(value.min()), float(value.max())
+    if low < -VALUE_TOLERANCE or high > 1 + VALUE_TOLERANCE:
         raise ValueError(
-            f"the adapter config in {str(adapter_dir)!r} has no base_model_config; expected an adapter saved from "
-            "get_unistd_peft_model (or a RankMoEConfig with base_model_config=UniSTDConfig.to_dict())"
+            f"{name} for task {task!r} must be scaled to [0, 1], got values in [{low:.4g}, {high:.4g}]; divide uint8 "
+            "frames by 255 and map physical values with the task's value_range (the loaders of unistd_hf.data do)"
         )
-    config = UniSTDConfig.from_dict(base_model_config)
-    if backbone is not None:
-        if not config.backbone_is_pretrained and config.pretrained_backbone_config is None:
-            config.pretrained_backbone_config = config.backbone  # the random-init architecture the adapter expects
-        config.backbone = str(backbone)
-    elif not config.backbone_is_pretrained:
-        raise ValueError(
-            f"the model in {str(adapter_dir)!r} was built on a randomly initialised backbone whose weights are not in "
-            "the adapter; pass backbone=<directory written by "
-            "unistd_hf.modeling_unistd.save_backbone(model, directory)>"
-        )
-    model = UniSTDModel(config)
-    return peft.PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
-
-
-def save_backbone(model: nn.Module, save_directory: str | Path) -> CLIPVisionModel:
-    """Save the backbone of a UniSTD model (bare or peft-wrapped) as a plain `CLIPVisionModel` checkpoint.
-
-    Needed to reload an adapter trained on a randomly initialised backbone (`load_unistd_peft_model(...,
-    backbone=save_directory)`). Adapter layers are stripped: peft keeps each adapted Linear as `<name>.base_layer`
-    and its adapter tensors beside it, so `model.backbone.save_pretrained` of a wrapped model is not a CLIP
-    checkpoint. Returns the clean copy that was saved.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = base.backbone
-    state = {
-        name.replace(".base_layer.", "."): tensor
-        for name, tensor in backbone.state_dict().items()
-        if not any(part.startswith("rankmoe_") for part in name.split("."))
-    }
-    clean = CLIPVisionModel._from_config(backbone.config)
-    clean.load_state_dict(state, strict=True)
-    clean.save_pretrained(str(save_directory))
-    return clean
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parameter report
-
-_PARTS = ("backbone", "rankmoe adapters", "task heads", "temporal adapters", "other")
-
-
-def _part_of(name: str) -> str:
-    parts = name.split(".")
-    if any(p.startswith("rankmoe_") for p in parts):
-        return "rankmoe adapters"
-    if "backbone" in parts:
-        return "backbone"
-    if any(p in TASK_HEAD_MODULES for p in parts):
-        return "task heads"
-    if "temporal_adapters" in parts:
-        return "temporal adapters"
-    return "other"
-
-
-def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Trainable and total parameter counts per part, for a bare `UniSTDModel` or its peft-wrapped version.
-
-    Parts: "backbone" (CLIP, incl. its unused patch embedding), "rankmoe adapters" (every `rankmoe_*` tensor:
-    experts, routers, ranks), "task heads" (encoders, projections, decoders), "temporal adapters" (temporal FFNs
-    and the zero base layers of their RankMoE), "other" (only listed when non-empty), and "total".
-    Each tensor is counted once. With peft's `modules_to_save`, the frozen `original_module` copies (kept only so
-    that `disable_adapter()` can run the untrained heads) are not counted: the trained copies are what the model
-    runs, and counting both would double the heads.
-    """
-    counts = {part: {"trainable": 0, "total": 0} for part in _PARTS}
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen or "original_module" in name.split("."):
-            continue
-        seen.add(id(param))
-        part = counts[_part_of(name)]
-        part["total"] += param.numel()
-        if param.requires_grad:
-            part["trainable"] += param.numel()
-    if not counts["other"]["total"]:
-        del counts["other"]
-    counts["total"] = {
-        "trainable": sum(c["trainable"] for c in counts.values()),
-        "total": sum(c["total"] for c in counts.values()),
-    }
-    return counts
-
-
-def format_parameter_report(report: dict[str, dict[str, int]]) -> str:
-    """Markdown table of a `parameter_report`: part, trainable, total, trainable share of the part."""
-    lines = ["| part | trainable | total | trainable % |", "| --- | ---: | ---: | ---: |"]
-    for part, c in report.items():
-        share = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
-        label = f"**{part}**" if part == "total" else part
-        lines.append(f"| {label} | {c['trainable']:,} | {c['total']:,} | {share:.2f} |")
-    return "\n".join(lines)

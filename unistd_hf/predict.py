@@ -43,7 +43,7 @@ def read_input(path: Path) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(adapter: str | Path, task: str, inputs: torch.Tensor, backbone: str | None = None) -> torch.Tensor:
-    from .modeling_unistd import load_unistd_peft_model
+    from .peft_integration import load_unistd_peft_model
 
     model = load_unistd_peft_model(adapter, backbone=resolve_backbone(Path(adapter), backbone)).eval()
     return model(pixel_values=inputs, task=task).predictions

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .atomic import write_text_atomically  # noqa: E402
+from .modeling_unistd import TASK_HEAD_MODULES  # noqa: E402
+from .peft_integration import MODULE_KINDS  # noqa: E402
 
 __all__ = [
+    "parameter_report",
+    "format_parameter_report",
     "build_report",
     "format_report_markdown",
     "write_outputs",
@@ -29,14 +35,68 @@ __all__ = [
 HIGHER_IS_BETTER = ("psnr", "ssim", "csi")
 
 
+# Parts of a UniSTD model in the parameter table.
+_PARTS = ("backbone", "rankmoe adapters", "task heads", "temporal adapters", "other")
+
+
+def _part_of(name: str) -> str:
+    parts = name.split(".")
+    if any(p.startswith("rankmoe_") for p in parts):
+        return "rankmoe adapters"
+    if "backbone" in parts:
+        return "backbone"
+    if any(p in TASK_HEAD_MODULES for p in parts):
+        return "task heads"
+    if "temporal_adapters" in parts:
+        return "temporal adapters"
+    return "other"
+
+
+def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Trainable and total parameter counts per part, for a bare `UniSTDModel` or its peft-wrapped version.
+
+    Parts: "backbone" (CLIP, incl. its unused patch embedding), "rankmoe adapters" (every `rankmoe_*` tensor:
+    experts, routers, ranks), "task heads" (encoders, projections, decoders), "temporal adapters" (temporal FFNs
+    and the zero base layers of their RankMoE), "other" (only listed when non-empty), and "total".
+    Each tensor is counted once. With peft's `modules_to_save`, the frozen `original_module` copies (kept only so
+    that `disable_adapter()` can run the untrained heads) are not counted: the trained copies are what the model
+    runs, and counting both would double the heads.
+    """
+    counts = {part: {"trainable": 0, "total": 0} for part in _PARTS}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or "original_module" in name.split("."):
+            continue
+        seen.add(id(param))
+        part = counts[_part_of(name)]
+        part["total"] += param.numel()
+        if param.requires_grad:
+            part["trainable"] += param.numel()
+    if not counts["other"]["total"]:
+        del counts["other"]
+    counts["total"] = {
+        "trainable": sum(c["trainable"] for c in counts.values()),
+        "total": sum(c["total"] for c in counts.values()),
+    }
+    return counts
+
+
+def format_parameter_report(report: dict[str, dict[str, int]]) -> str:
+    """Markdown table of a `parameter_report`: part, trainable, total, trainable share of the part."""
+    lines = ["| part | trainable | total | trainable % |", "| --- | ---: | ---: | ---: |"]
+    for part, c in report.items():
+        share = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
+        label = f"**{part}**" if part == "total" else part
+        lines.append(f"| {label} | {c['trainable']:,} | {c['total']:,} | {share:.2f} |")
+    return "\n".join(lines)
+
+
 def _better(metric: str, model: float, baseline: float) -> bool:
     return model > baseline if metric.startswith(HIGHER_IS_BETTER) else model < baseline
 
 
 def build_report(args, config, model, results: dict, state: dict, seconds: float, processes: int) -> dict[str, Any]:
     """Everything measured in one JSON-able dict."""
-    from .modeling_unistd import parameter_report
-
     parts = parameter_report(model)
     report: dict[str, Any] = {
         "tasks": {
@@ -69,7 +129,6 @@ def metrics_table(report: dict[str, Any]) -> str:
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
-    from .modeling_unistd import format_parameter_report
 
     lines = [
         "# UniSTD training report",
@@ -130,7 +189,7 @@ def plot_prediction_grid(inputs, targets, predictions, path: str | Path, title: 
 
 
 def _module_kind(name: str) -> str:
-    for kind in ("q_proj", "k_proj", "v_proj", "out_proj", "temporal_moe"):
+    for kind in MODULE_KINDS:
         if name.endswith(kind):
             return kind
     return name.rsplit(".", 1)[-1]
@@ -172,17 +231,11 @@ def plot_rank_history(history: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, state: dict) -> None:
     """report.json, report.md, predictions_<task>.png, ranks.png."""
-    _write_text_atomically(output / "report.json", json.dumps(report, indent=1))
-    _write_text_atomically(output / "report.md", format_report_markdown(report))
+    write_text_atomically(output / "report.json", json.dumps(report, indent=1))
+    write_text_atomically(output / "report.md", format_report_markdown(report))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -202,7 +255,7 @@ def model_card(report: dict[str, Any], repo_id: str) -> str:
         f"---\nlibrary_name: peft\ntags:\n- rankmoe\n- unistd\n- spatio-temporal-forecasting\n---\n\n"
         f"# {repo_id}\n\nA UniSTD RankMoE adapter trained jointly on: {tasks}.\n\n"
         "Load it with `import rankmoe_peft, unistd_hf` and "
-        "`unistd_hf.modeling_unistd.load_unistd_peft_model(<this repo>, backbone=...)`.\n\n"
+        "`unistd_hf.load_unistd_peft_model(<this repo>, backbone=...)`.\n\n"
         f"## Test metrics\n\n{metrics_table(report)}\n"
     )
 
@@ -212,7 +265,7 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, report: dict[str, Any], 
     from huggingface_hub import HfApi
 
     adapter_dir = Path(adapter_dir)
-    _write_text_atomically(adapter_dir / "README.md", model_card(report, repo_id))
+    write_text_atomically(adapter_dir / "README.md", model_card(report, repo_id))
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(adapter_dir), commit_message="Upload UniSTD adapter")

@@ -1,0 +1,158 @@
+"""The arguments of a training run: one dataclass (each field is a flag of examples/train_unistd.py) and its checks.
+
+RankMoE and rank-search settings default to `RankMoEConfig`'s and `RankSearch`'s own defaults, so a flag never
+disagrees with the library it configures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rankmoe_peft import RankMoEConfig, RankSearch
+from rankmoe_peft.config import ROUTERS
+
+from ..configuration_unistd import GATE_MODES
+from ..data import list_tasks
+
+__all__ = ["TrainingArguments", "validate_arguments", "parse_clip_counts", "SCHEDULES", "ADAPTERS"]
+
+SCHEDULES = ("round_robin", "proportional", "temperature")
+ADAPTERS = ("rankmoe", "lora", "fixed_rank", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("jsonl", "tensorboard")
+_RANKMOE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RankMoEConfig)}
+_SEARCH_DEFAULTS = {name: p.default for name, p in inspect.signature(RankSearch).parameters.items()}
+
+
+@dataclass
+class TrainingArguments:
+    """Everything `train()` needs; each field is also a command-line flag of examples/train_unistd.py."""
+
+    tasks: list[str] = field(default_factory=lambda: list_tasks(synthetic=True), metadata={"help": "Tasks to train jointly."})
+    output_dir: str = field(default="outputs/unistd", metadata={"help": "Where the adapter, report and checkpoints go."})
+    data_dir: str | None = field(default=None, metadata={"help": "OpenSTL data folder for real tasks (mmnist, taxibj, kth)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder (default: HF datasets cache)."})
+    num_train: int = field(default=256, metadata={"help": "Training clips per synthetic task."})
+    num_train_per_task: str = field(
+        default="city_traffic=1024",
+        metadata={
+            "help": "Overrides of num_train for single synthetic tasks, as 'task=clips,task=clips'. The default gives "
+            "city_traffic (32x32 frames: a batch costs ~1/5 of the 64x64 tasks) more batches per epoch: it needs "
+            "~300 batches to get below the copy-last-frame error, the others fewer."
+        },
+    )
+    num_validation: int = field(default=32, metadata={"help": "Validation clips per synthetic task."})
+    num_test: int = field(default=64, metadata={"help": "Test clips per synthetic task."})
+    backbone: str | None = field(
+        default=None, metadata={"help": "Hub id or directory of a CLIP checkpoint; None: a small random CLIP."}
+    )
+    backbone_width: int = field(default=128, metadata={"help": "Width of the random CLIP (when backbone is None)."})
+    backbone_layers: int = field(default=4, metadata={"help": "Layers of the random CLIP."})
+    backbone_heads: int = field(default=4, metadata={"help": "Attention heads of the random CLIP."})
+    hidden_channels: int = field(default=16, metadata={"help": "C', channels of the per-frame conv encoders."})
+    use_temporal_adapter: bool = field(default=True, metadata={"help": "Temporal adapters after self-attention."})
+    temporal_gate: str = field(default="scaled", metadata={"help": f"One of {GATE_MODES}; 'scaled' is an identity at init."})
+    residual_to_last_frame: bool = field(
+        default=True,
+        metadata={"help": "Predict the change from the last observed frame (off in the paper; see UniSTDConfig)."},
+    )
+    adapter: str = field(
+        default="rankmoe",
+        metadata={
+            "help": "'rankmoe' (experts + rank search), 'fixed_rank' (experts, ranks fixed at round(init_rank)), "
+            "'lora' (one expert at rank max_rank, i.e. LoRA), 'none' (no adapter; see finetune_backbone)."
+        },
+    )
+    finetune_backbone: bool = field(default=False, metadata={"help": "Train the whole backbone (with adapter='none')."})
+    num_experts: int = field(default=6, metadata={"help": "Experts on q/k/v."})
+    out_proj_experts: int = field(default=2, metadata={"help": "Experts on out_proj and the temporal adapters."})
+    max_rank: int = field(default=8, metadata={"help": "Largest rank per expert."})
+    init_rank: float = field(default=4.5, metadata={"help": "Initial rank per expert."})
+    rank_budget: float | None = field(default=None, metadata={"help": "C; None: the initial total rank."})
+    budget_weight: float = field(default=_RANKMOE_DEFAULTS["budget_weight"], metadata={"help": "beta of beta * |C - sum(ranks)|."})
+    rank_grad_scale: float = field(
+        default=_RANKMOE_DEFAULTS["rank_grad_scale"],
+        metadata={"help": "gamma of the rank gradient (its overall scale is normalised by the search, see rankmoe_peft/search.py)."},
+    )
+    router: str = field(default=_RANKMOE_DEFAULTS["router"], metadata={"help": f"One of {ROUTERS}."})
+    epochs: int = field(default=4, metadata={"help": "Passes over every task's training split."})
+    rank_search_epochs: int = field(default=2, metadata={"help": "Epochs of rank search before discretization."})
+    batch_size: int = field(default=8, metadata={"help": "Clips per batch and process."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Clips per evaluation batch."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the weights."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of optimizer steps of linear warm-up."})
+    rank_learning_rate: float = field(default=_SEARCH_DEFAULTS["lr"], metadata={"help": "SGD learning rate of the ranks."})
+    rank_momentum: float = field(default=_SEARCH_DEFAULTS["momentum"], metadata={"help": "SGD (Nesterov) momentum of the ranks."})
+    schedule: str = field(default="round_robin", metadata={"help": "'round_robin', 'proportional' or 'temperature'."})
+    temperature: float = field(default=2.0, metadata={"help": "Temperature of the 'temperature' schedule."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (through Accelerate)."})
+    seed: int = field(default=0, metadata={"help": "Seed of data, initialisation and task schedule."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many batches (0: run all epochs)."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N batches (0: epoch ends only)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    log_every: int = field(default=10, metadata={"help": "Log (JSON lines) every N batches."})
+    report_to: str = field(default="jsonl", metadata={"help": "'jsonl' or 'tensorboard' (JSON lines are always written)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter and its model card to the hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository id for --push_to_hub."})
+    cpu: bool = field(default=False, metadata={"help": "Run on CPU even when a GPU is present."})
+    fail_at_step: int = field(default=0, metadata={"help": "Testing aid: raise a non-finite loss at this step."})
+
+
+def validate_arguments(args: TrainingArguments) -> None:
+    """Raise ValueError with a clear message for arguments that cannot work, before any data or model is built."""
+    if not args.tasks:
+        raise ValueError("--tasks is empty; name at least one task")
+    known = list_tasks()
+    unknown = [t for t in args.tasks if t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; registered tasks: {known}")
+    if len(set(args.tasks)) != len(args.tasks):
+        raise ValueError(f"--tasks names a task twice: {args.tasks}")
+    choices = {"schedule": SCHEDULES, "adapter": ADAPTERS, "mixed_precision": MIXED_PRECISION,
+               "report_to": REPORT_TO, "router": ROUTERS, "temporal_gate": GATE_MODES}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {allowed}, got {getattr(args, name)!r}")
+    positive = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_train", "num_test",
+                "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank", "keep_checkpoints")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    parse_clip_counts(args.num_train_per_task)
+    if args.rank_search_epochs < 0:  # >= epochs: search throughout, discretize before the final evaluation
+        raise ValueError(f"--rank_search_epochs must be >= 0, got {args.rank_search_epochs}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/unistd-rankmoe)")
+    if args.finetune_backbone and args.adapter != "none":
+        raise ValueError("--finetune_backbone trains the whole backbone; use it with --adapter none")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
+    output = Path(args.output_dir)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output_dir {str(output)!r} is not writable: {error}") from error
+
+
+def parse_clip_counts(text: str) -> dict[str, int]:
+    """'a=10,b=20' -> {'a': 10, 'b': 20}, with a clear error for anything else."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, _, count = item.partition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"--num_train_per_task expects 'task=clips,...' with clips >= 1, got {item!r}")
+        overrides[name.strip()] = int(count)
+    unknown = sorted(set(overrides) - set(list_tasks()))
+    if unknown:
+        raise ValueError(f"--num_train_per_task names unknown task(s) {unknown}; registered tasks: {list_tasks()}")
+    return overrides
