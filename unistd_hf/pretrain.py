@@ -741,6 +741,8 @@ def save_backbone_folder(encoder: CLIPVisionModel, target: Path) -> dict[str, st
 
     def write(tmp: str) -> None:
         clean.save_pretrained(tmp, safe_serialization=True)
+        for name in CHECKSUMMED_FILES:  # safetensors writes 0600; a shipped file must be readable by all
+            os.chmod(Path(tmp) / name, 0o644)
         sums.update(write_checksums(tmp))
 
     target.parent.mkdir(parents=True, exist_ok=True)
