@@ -623,12 +623,11 @@ DOWNSCALE = {
 
 
 def test_paper_config_runs_two_steps_on_all_ten_tasks(tmp_path):
-    from accelerate import Accelerator
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    from unistd_hf import UniSTDConfig, default_rankmoe_config, get_unistd_peft_model
     from unistd_hf.cli import parse_training_arguments, read_config_file
     from unistd_hf.training import validate_arguments
-    from unistd_hf.training.models import build_model, weight_parameters
 
     config = read_config_file("configs/paper_10tasks.yaml")
     assert config["backbone"] == "openai/clip-vit-base-patch16" and config["tasks"] == list(PAPER_TASKS)
@@ -654,8 +653,17 @@ def test_paper_config_runs_two_steps_on_all_ten_tasks(tmp_path):
         paper = PAPER_TASKS[spec.name]
         assert (spec.in_frames, spec.out_frames, spec.channels) == (paper.in_frames, paper.out_frames, paper.channels)
         assert spec.height <= 64 and spec.width <= 64
-    model, _ = build_model(args, specs, Accelerator(cpu=True))
-    weights = weight_parameters(model)
+    config = UniSTDConfig(backbone=args.backbone, tasks=specs, hidden_channels=args.hidden_channels,
+                          temporal_gate=args.temporal_gate, residual_to_last_frame=args.residual_to_last_frame)
+    model = get_unistd_peft_model(config, default_rankmoe_config(
+        config, num_experts=args.num_experts, init_rank=args.init_rank, max_rank=args.max_rank,
+        budget_weight=args.budget_weight, num_experts_pattern={"out_proj": args.out_proj_experts,
+                                                               "temporal_moe": args.out_proj_experts}))
+    experts = {name.rsplit(".", 1)[-1]: len(ranks) for name, ranks in model.rank_summary().items()}
+    assert experts == {"q_proj": 6, "k_proj": 6, "v_proj": 6, "out_proj": 2, "temporal_moe": 2}
+    assert {rank for ranks in model.rank_summary().values() for rank in ranks} == {4.5}
+    ranks = {id(p) for p in model.rank_parameters()}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ranks]
     optimizer = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
     before = [p.detach().clone() for p in weights]
     for _ in range(2):  # two optimizer steps, each over one batch of every task

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,7 @@ __all__ = [
     "open_hdf5",
     "read_hickle_array",
     "read_hickle_strings",
+    "close_netcdf",
     "read_netcdf_variable",
     "require",
 ]
@@ -155,3 +157,11 @@ def read_netcdf_variable(path: Path, name: str, task: str) -> tuple[np.ndarray |
         handle.close()
         raise ValueError(f"{path}: expected a variable {name!r}, found {keys}")
     return handle[name], _hdf5_dims(handle[name]), handle
+
+
+def close_netcdf(handle: Any) -> None:
+    """Close a handle of `read_netcdf_variable`. A memory-mapped NetCDF-3 file whose arrays are still referenced
+    somewhere warns that it cannot unmap yet; the map is released with the last array, so that warning is muted."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot close a netcdf_file opened with mmap=True")
+        handle.close()

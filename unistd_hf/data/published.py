@@ -31,7 +31,14 @@ from PIL import Image
 
 from ..metrics import DEFAULT_METRICS
 from .builder import Example, build_splits, check_dtype, check_finite, check_shape, file_signature, require_file, to_unit
-from .formats import iter_tfrecord_examples, open_hdf5, read_hickle_array, read_hickle_strings, read_netcdf_variable
+from .formats import (
+    close_netcdf,
+    iter_tfrecord_examples,
+    open_hdf5,
+    read_hickle_array,
+    read_hickle_strings,
+    read_netcdf_variable,
+)
 from .paper_tasks import ENSO_SST_RANGE, PAPER_TASKS
 from .registry import TaskInfo, register_task
 from .synthetic import RAIN_CSI_THRESHOLDS
@@ -131,11 +138,15 @@ def _kitti_open(folder: Path, split: str) -> tuple[Any, list[str], Path]:
     with open_hdf5(s_path, "kitticaltech", "a hickle list of frame sources") as h5:
         sources = read_hickle_strings(h5, s_path)
     h5 = open_hdf5(x_path, "kitticaltech", "a hickle uint8 array (frames, height, width, 3)")
-    frames = read_hickle_array(h5, x_path)
-    check_shape(frames, str(x_path), (None, None, None, 3), "(frames, height, width, RGB)")
-    check_dtype(frames, str(x_path), "u", "uint8 (0-255)")
-    if len(sources) != frames.shape[0]:
-        raise ValueError(f"{s_path}: expected one source per frame of {x_path} ({frames.shape[0]}), got {len(sources)}")
+    try:
+        frames = read_hickle_array(h5, x_path)
+        check_shape(frames, str(x_path), (None, None, None, 3), "(frames, height, width, RGB)")
+        check_dtype(frames, str(x_path), "u", "uint8 (0-255)")
+        if len(sources) != frames.shape[0]:
+            raise ValueError(f"{s_path}: expected one source per frame of {x_path} ({frames.shape[0]}), got {len(sources)}")
+    except ValueError:
+        h5.close()
+        raise
     return frames, sources, x_path
 
 
@@ -679,22 +690,25 @@ _ENSO_LON = (95.0, 330.0)  # Earthformer keeps longitudes 95E-330E: 48 of the 72
 def _enso_open(path: Path) -> tuple[Any, Any, np.ndarray]:
     """(sst variable, handle, axis order to (year, month, lat, lon)); checks the variable's layout."""
     sst, dims, handle = read_netcdf_variable(path, "sst", "enso")
-    if sorted(dims) != sorted(_ENSO_DIMS):
-        handle.close()
-        raise ValueError(f"{path}: expected variable 'sst' with dimensions {_ENSO_DIMS} (any order), got {dims}")
-    order = np.array([dims.index(d) for d in _ENSO_DIMS])
-    shape = tuple(sst.shape[i] for i in order)
-    if shape[1] != 36:
-        handle.close()
-        raise ValueError(f"{path}: expected 36 months per record (dimension 'month'), got {shape[1]}")
-    check_dtype(sst, str(path), "f", "float SST anomalies")
+    try:
+        if sorted(dims) != sorted(_ENSO_DIMS):
+            raise ValueError(f"{path}: expected variable 'sst' with dimensions {_ENSO_DIMS} (any order), got {dims}")
+        order = np.array([dims.index(d) for d in _ENSO_DIMS])
+        if sst.shape[order[1]] != 36:
+            raise ValueError(f"{path}: expected 36 months per record (dimension 'month'), got {sst.shape[order[1]]}")
+        check_dtype(sst, str(path), "f", "float SST anomalies")
+    except ValueError:
+        del sst
+        close_netcdf(handle)
+        raise
     return sst, handle, order
 
 
 def _enso_lon(path: Path) -> np.ndarray:
     lon, _, handle = read_netcdf_variable(path, "lon", "enso")
-    values = np.asarray(lon[...], dtype=np.float64)
-    handle.close()
+    values = np.array(lon[...], dtype=np.float64)  # a copy: the file can close
+    del lon
+    close_netcdf(handle)
     return (values >= _ENSO_LON[0]) & (values <= _ENSO_LON[1])
 
 
@@ -721,7 +735,8 @@ def _generate_enso(path: str, models: list[tuple[int, int]], in_frames: int, len
                 clip = to_unit(series[start : start + length, None], ENSO_SST_RANGE)  # (T, 1, lat, lon)
                 yield _example(_pool(clip, scale, path), in_frames)
     finally:
-        handle.close()
+        del sst
+        close_netcdf(handle)
 
 
 def load_enso(
@@ -758,10 +773,11 @@ def load_enso(
     groups = [(int(n), int(y)) for n, y in models]
     keep = _enso_lon(path)
     sst, handle, order = _enso_open(path)
-    records, lat = sst.shape[order[0]], sst.shape[order[2]]
-    handle.close()
-    if len(keep) != sst.shape[order[3]]:
-        raise ValueError(f"{path}: coordinate 'lon' has {len(keep)} values, 'sst' has {sst.shape[order[3]]} longitudes")
+    records, lat, lon = (int(sst.shape[order[i]]) for i in (0, 2, 3))
+    del sst
+    close_netcdf(handle)
+    if len(keep) != lon:
+        raise ValueError(f"{path}: coordinate 'lon' has {len(keep)} values, 'sst' has {lon} longitudes")
     if sum(n * y for n, y in groups) != records:
         raise ValueError(f"{path}: expected {sum(n * y for n, y in groups)} records (models={groups}), got {records}")
     spans, offset = [], 0
