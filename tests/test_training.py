@@ -22,7 +22,7 @@ TINY = [
     "--tasks", "city_traffic", "moving_digits",
     "--num_train", "32", "--num_train_per_task", "", "--num_validation", "8", "--num_test", "16",
     "--backbone_width", "32", "--backbone_layers", "2", "--backbone_heads", "2", "--hidden_channels", "16",
-    "--batch_size", "4", "--eval_batch_size", "8", "--log_every", "4", "--seed", "3",
+    "--backbone", "random", "--batch_size", "4", "--eval_batch_size", "8", "--log_every", "4", "--seed", "3",
     # predict frames, not the change from the last one: the loss then starts high and must fall
     "--residual_to_last_frame", "false",
 ]

@@ -106,6 +106,7 @@ def build_report(args, config, model, results: dict, state: dict, seconds: float
         "parameters": parts,
         "wall_time_s": round(seconds, 1),
         "steps": state["global_step"],
+        "batches_per_task": state.get("task_batches", {}),
         "processes": processes,
         "arguments": dataclasses.asdict(args),
     }
@@ -129,11 +130,11 @@ def metrics_table(report: dict[str, Any]) -> str:
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
-
+    per_task = ", ".join(f"{task} {count}" for task, count in report.get("batches_per_task", {}).items())
     lines = [
         "# UniSTD training report",
         "",
-        f"{report['steps']} batches on {report['processes']} process(es) in {report['wall_time_s']:.0f} s.",
+        f"{report['steps']} batches ({per_task}) on {report['processes']} process(es) in {report['wall_time_s']:.0f} s.",
         "",
         "## Test metrics (model vs copy-last-frame baseline)",
         "",

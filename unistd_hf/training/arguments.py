@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from rankmoe_peft import RankMoEConfig, RankSearch
 from rankmoe_peft.config import ROUTERS
 
 from ..configuration_unistd import GATE_MODES
 from ..data import list_tasks
+from ..pretrain import PACKAGED_BACKBONE
 
 __all__ = ["TrainingArguments", "validate_arguments", "parse_clip_counts", "SCHEDULES", "ADAPTERS"]
 
@@ -23,6 +27,7 @@ SCHEDULES = ("round_robin", "proportional", "temperature")
 ADAPTERS = ("rankmoe", "lora", "fixed_rank", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("jsonl", "tensorboard")
+RANDOM_BACKBONE = "random"
 _RANKMOE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RankMoEConfig)}
 _SEARCH_DEFAULTS = {name: p.default for name, p in inspect.signature(RankSearch).parameters.items()}
 
@@ -33,6 +38,9 @@ class TrainingArguments:
 
     tasks: list[str] = field(default_factory=lambda: list_tasks(synthetic=True), metadata={"help": "Tasks to train jointly."})
     output_dir: str = field(default="outputs/unistd", metadata={"help": "Where the adapter, report and checkpoints go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start a new run in an output_dir that holds another one (which is moved aside)."}
+    )
     data_dir: str | None = field(default=None, metadata={"help": "OpenSTL data folder for real tasks (mmnist, taxibj, kth)."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder (default: HF datasets cache)."})
     num_train: int = field(default=256, metadata={"help": "Training clips per synthetic task."})
@@ -46,10 +54,12 @@ class TrainingArguments:
     )
     num_validation: int = field(default=32, metadata={"help": "Validation clips per synthetic task."})
     num_test: int = field(default=64, metadata={"help": "Test clips per synthetic task."})
-    backbone: str | None = field(
-        default=None, metadata={"help": "Hub id or directory of a CLIP checkpoint; None: a small random CLIP."}
+    backbone: str = field(
+        default=PACKAGED_BACKBONE,
+        metadata={"help": f"Hub id or folder of a CLIP checkpoint; {PACKAGED_BACKBONE!r}: the pretrained backbone shipped "
+                  f"with the package (docs/PRETRAINING.md); {RANDOM_BACKBONE!r}: a randomly initialised CLIP."},
     )
-    backbone_width: int = field(default=128, metadata={"help": "Width of the random CLIP (when backbone is None)."})
+    backbone_width: int = field(default=128, metadata={"help": "Width of the random CLIP (--backbone random)."})
     backbone_layers: int = field(default=4, metadata={"help": "Layers of the random CLIP."})
     backbone_heads: int = field(default=4, metadata={"help": "Attention heads of the random CLIP."})
     hidden_channels: int = field(default=16, metadata={"help": "C', channels of the per-frame conv encoders."})
@@ -96,7 +106,11 @@ class TrainingArguments:
     max_steps: int = field(default=0, metadata={"help": "Stop after this many batches (0: run all epochs)."})
     checkpoint_every: int = field(default=0, metadata={"help": "Also checkpoint every N batches (0: epoch ends only)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, 'latest' (the run's newest checkpoint; an error if there is none) or "
+                  "'auto' (the newest checkpoint if there is one, else a new run)."},
+    )
     log_every: int = field(default=10, metadata={"help": "Log (JSON lines) every N batches."})
     report_to: str = field(default="jsonl", metadata={"help": "'jsonl' or 'tensorboard' (JSON lines are always written)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter and its model card to the hub."})
@@ -106,9 +120,10 @@ class TrainingArguments:
 
 
 def validate_arguments(args: TrainingArguments) -> None:
-    """Raise ValueError with a clear message for arguments that cannot work, before any data or model is built."""
-    if not args.tasks:
-        raise ValueError("--tasks is empty; name at least one task")
+    """Raise ValueError with a clear message for arguments that cannot work or cannot take effect, before any data
+    or model is built and before anything is written."""
+    if not isinstance(args.tasks, list) or not args.tasks or not all(isinstance(t, str) for t in args.tasks):
+        raise ValueError(f"--tasks must be a non-empty list of task names (in a config file: a YAML/JSON list), got {args.tasks!r}")
     known = list_tasks()
     unknown = [t for t in args.tasks if t not in known]
     if unknown:
@@ -120,28 +135,50 @@ def validate_arguments(args: TrainingArguments) -> None:
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"--{name} must be one of {allowed}, got {getattr(args, name)!r}")
-    positive = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_train", "num_test",
-                "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank", "keep_checkpoints")
+    at_least = {1: ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_train", "num_test",
+                    "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank",
+                    "keep_checkpoints", "log_every", "num_experts", "out_proj_experts"),
+                0: ("num_validation", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
+                    "weight_decay", "budget_weight", "rank_grad_scale", "fail_at_step")}
+    for low, names in at_least.items():
+        for name in names:
+            if getattr(args, name) < low:
+                raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    positive = ("learning_rate", "rank_learning_rate", "temperature")  # divisors or step sizes
     for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise ValueError(f"--warmup_ratio is a fraction of the optimizer steps and must lie in [0, 1], got {args.warmup_ratio}")
+    if not 0 <= args.rank_momentum < 1:
+        raise ValueError(f"--rank_momentum must lie in [0, 1), got {args.rank_momentum}")
+    if not 0 <= args.init_rank <= args.max_rank:
+        raise ValueError(f"--init_rank must lie in [0, --max_rank={args.max_rank}], got {args.init_rank}")
+    if args.rank_budget is not None and args.rank_budget < 0:
+        raise ValueError(f"--rank_budget must be >= 0, got {args.rank_budget}")
     parse_clip_counts(args.num_train_per_task)
-    if args.rank_search_epochs < 0:  # >= epochs: search throughout, discretize before the final evaluation
-        raise ValueError(f"--rank_search_epochs must be >= 0, got {args.rank_search_epochs}")
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU (none is used here); use 'no' or 'bf16'")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/unistd-rankmoe)")
     if args.finetune_backbone and args.adapter != "none":
         raise ValueError("--finetune_backbone trains the whole backbone; use it with --adapter none")
-    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder")
-    output = Path(args.output_dir)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"output_dir {str(output)!r} is not writable: {error}") from error
+    if args.resume_from_checkpoint not in (None, "latest", "auto") and not Path(args.resume_from_checkpoint).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder "
+                         "(or 'latest' / 'auto')")
+    check_writable(Path(args.output_dir))
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise ValueError("--resume_from_checkpoint continues a run, --overwrite_output_dir starts a new one: pick one")
+
+
+def check_writable(folder: Path) -> None:
+    """The folder, or the nearest existing folder above it, must be a writable folder (checked without writing)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file" if existing.exists() and not existing.is_dir() else "not writable"
+        raise ValueError(f"output_dir {str(folder)!r} is not writable: {str(existing)!r} is {what}")
 
 
 def parse_clip_counts(text: str) -> dict[str, int]:

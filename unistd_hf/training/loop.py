@@ -25,9 +25,10 @@ from rankmoe_peft import RankSearch
 from .. import report as reporting
 from .arguments import TrainingArguments, validate_arguments
 from ..atomic import write_atomically
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, save_checkpoint
 from .evaluation import evaluate_task
-from .models import build_model, parameter_fingerprint, weight_parameters
+from .models import build_model, parameter_fingerprint, resolve_run_backbone, weight_parameters
+from .run_folder import prepare_run_folder, run_identity
 from .schedule import batch_counts, epoch_batches, load_tasks
 
 __all__ = ["train", "NonFiniteLossError"]
@@ -35,6 +36,15 @@ __all__ = ["train", "NonFiniteLossError"]
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def check_every_task_trains(tasks: dict, counts: dict[str, int], batch_size: int, processes: int) -> None:
+    """A task with no full batch per epoch and process would be reported on without training: refuse it."""
+    empty = [f"{name} ({len(tasks[name].train)} clips // {processes} process(es) // batch {batch_size} = 0)"
+             for name, count in counts.items() if count == 0]
+    if empty:
+        raise ValueError(f"no full training batch per epoch for task(s) {', '.join(empty)}; lower --batch_size or "
+                         "give these tasks more training clips (--num_train, --num_train_per_task)")
 
 
 class LossMeter:
@@ -80,7 +90,15 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     )
     set_seed(args.seed)
     tasks = load_tasks(args, accelerator)
-    model, config = build_model(args, [t.spec for t in tasks.values()], accelerator)
+    counts = batch_counts(tasks, args.batch_size, accelerator.num_processes)
+    check_every_task_trains(tasks, counts, args.batch_size, accelerator.num_processes)
+    per_epoch = sum(counts.values())  # every schedule has this length
+    total_steps = per_epoch * args.epochs if not args.max_steps else min(args.max_steps, per_epoch * args.epochs)
+    backbone, backbone_sha256 = resolve_run_backbone(args)
+    identity = run_identity(args, backbone_sha256)
+    resume = prepare_run_folder(args, identity, accelerator)  # nothing is written to output_dir before this
+
+    model, config = build_model(args, [t.spec for t in tasks.values()], backbone, accelerator)
     base_model = model
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     unwrapped.check_input_values = False  # checked by the loaders; the step reads nothing back from the device
@@ -90,18 +108,17 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     search_epochs = args.rank_search_epochs if args.adapter == "rankmoe" else 0  # lora / fixed_rank: never searched
     weights = weight_parameters(model)
     optimizer = torch.optim.AdamW(weights, lr=args.learning_rate, weight_decay=args.weight_decay)
-    per_epoch = sum(batch_counts(tasks, args.batch_size, accelerator.num_processes).values())
-    if per_epoch == 0:
-        raise ValueError(f"no full batch of {args.batch_size} clips per process in some task; lower --batch_size")
-    total_steps = per_epoch * args.epochs if not args.max_steps else min(args.max_steps, per_epoch * args.epochs)
     optimizer_steps = math.ceil(total_steps / args.gradient_accumulation_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * optimizer_steps), optimizer_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state: dict[str, Any] = {"global_step": 0, "optimizer_steps": 0, "rank_history": []}
-    resume = latest_checkpoint(output) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    state: dict[str, Any] = {"global_step": 0, "optimizer_steps": 0, "task_batches": dict.fromkeys(tasks, 0),
+                             "rank_history": [], "identity": identity}
     if resume:
         state = load_checkpoint(accelerator, resume, search, scheduler)
+        if state["global_step"] >= total_steps:
+            raise ValueError(f"checkpoint {str(resume)!r} is at step {state['global_step']}, the end of this run "
+                             f"({total_steps} steps); raise --epochs or --max_steps to train further")
         accelerator.print(f"resumed from {resume} at step {state['global_step']}")
     if args.report_to == "tensorboard":
         accelerator.init_trackers("unistd", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
@@ -143,6 +160,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                 raise
             step += 1
             state["global_step"] = step
+            state["task_batches"][task_name] += 1
             meter.add(step, epoch, task_name, loss)
             progress.update(1)
             if step % args.log_every == 0 or step == total_steps:

@@ -14,26 +14,44 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from ..configuration_unistd import TaskSpec, UniSTDConfig
 from ..modeling_unistd import UniSTDModel
 from ..peft_integration import default_rankmoe_config, expert_pattern, get_unistd_peft_model
-from .arguments import TrainingArguments
+from ..pretrain import resolve_backbone, sha256_of
+from .arguments import RANDOM_BACKBONE, TrainingArguments
 from ..atomic import write_atomically
 
-__all__ = ["build_model", "weight_parameters", "parameter_fingerprint"]
+__all__ = ["resolve_run_backbone", "build_model", "weight_parameters", "parameter_fingerprint"]
 
 
-def build_model(args: TrainingArguments, specs: list[TaskSpec], accelerator: Accelerator) -> tuple[torch.nn.Module, UniSTDConfig]:
+def resolve_run_backbone(args: TrainingArguments) -> tuple[str | CLIPVisionModel, str | None]:
+    """(backbone, sha256): a random CLIP built in memory from the seed (`--backbone random`), or the folder / hub id
+    to load (the packaged pretrained backbone is verified against its recorded checksum first). The checksum
+    (of the random weights, or of a local folder's model.safetensors; None for a hub id) is part of the run's
+    identity, so a resume onto other backbone weights is refused."""
+    if args.backbone == RANDOM_BACKBONE:
+        torch.manual_seed(args.seed)
+        clip = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=args.backbone_width, intermediate_size=4 * args.backbone_width,
+            num_hidden_layers=args.backbone_layers, num_attention_heads=args.backbone_heads,
+        ))
+        return clip, parameter_fingerprint(clip)
+    source = resolve_backbone(args.backbone)
+    weights = Path(source) / "model.safetensors"
+    if Path(source).exists() and not weights.is_file():
+        raise ValueError(f"--backbone {args.backbone!r}: {str(weights)!r} does not exist; expected a CLIP checkpoint "
+                         "folder written by save_pretrained (config.json + model.safetensors)")
+    return source, sha256_of(weights) if weights.is_file() else None
+
+
+def build_model(
+    args: TrainingArguments, specs: list[TaskSpec], backbone: str | CLIPVisionModel, accelerator: Accelerator
+) -> tuple[torch.nn.Module, UniSTDConfig]:
     """The UniSTD model, adapted as `args.adapter` says. A random backbone is saved to output_dir/backbone first
     and loaded from there, so the saved adapter plus that folder are all a reload needs."""
-    backbone = args.backbone
-    if backbone is None:
-        backbone = str((Path(args.output_dir) / "backbone").resolve())
-        if accelerator.is_main_process and not (Path(backbone) / "config.json").exists():
-            torch.manual_seed(args.seed)
-            clip = CLIPVisionModel(CLIPVisionConfig(
-                hidden_size=args.backbone_width, intermediate_size=4 * args.backbone_width,
-                num_hidden_layers=args.backbone_layers, num_attention_heads=args.backbone_heads,
-            ))
-            write_atomically(Path(backbone), clip.save_pretrained)
+    if isinstance(backbone, CLIPVisionModel):
+        folder = (Path(args.output_dir) / "backbone").resolve()
+        if accelerator.is_main_process and not (folder / "config.json").exists():
+            write_atomically(folder, backbone.save_pretrained)
         accelerator.wait_for_everyone()
+        backbone = str(folder)
     config = UniSTDConfig(
         backbone=backbone, tasks=specs, hidden_channels=args.hidden_channels,
         temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter,
