@@ -113,8 +113,9 @@ def test_kitticaltech_loader(tmp_path, layout):
     np.testing.assert_allclose(_frames(ds, "train", 0)[0, :, 0, 0], [1 / 255, 2 / 255, 3 / 255], atol=ATOL)  # RGB
     np.testing.assert_allclose(_frames(ds, "test", 0, "targets")[:, 0, 1, 1], [_code(3, 4) / 255, _code(3, 5) / 255],
                                atol=ATOL)
-    assert spec_for("kitticaltech", ds) == TaskSpec("kitticaltech", 4, 2, 3, 8, 10, num_downsample=1,
-                                                   value_range=(0, 255), discipline="driving")
+    expected_spec = TaskSpec("kitticaltech", 4, 2, 3, 8, 10, num_downsample=1, value_range=(0, 255),
+                             discipline="driving")
+    assert spec_for("kitticaltech", ds) == expected_spec
     strided = load_task("kitticaltech", data_dir=str(tmp_path), in_frames=10, out_frames=1, window_stride=3,
                         cache_dir=str(tmp_path / "c"))  # OpenSTL's 10 -> 1 with overlapping clips
     assert len(strided["train"]) == len(range(0, 25 - 11 + 1, 3)) + len(range(0, 13 - 11 + 1, 3))
@@ -179,7 +180,8 @@ def test_bair_loader(tmp_path):
     clip = ds["validation"][1]
     assert clip["inputs"].shape == (2, 3, 64, 64) and clip["targets"].shape == (10, 3, 64, 64)
     np.testing.assert_allclose(clip["inputs"][:, 0, 5, 5].numpy(), [_code(4, 0) / 255, _code(4, 1) / 255], atol=ATOL)
-    np.testing.assert_allclose(clip["targets"][:, 2, 5, 5].numpy(), [_code(4, f) / 255 for f in range(2, 12)], atol=ATOL)
+    np.testing.assert_allclose(clip["targets"][:, 2, 5, 5].numpy(), [_code(4, f) / 255 for f in range(2, 12)],
+                               atol=ATOL)
     np.testing.assert_allclose(clip["inputs"][0, :, 0, 0].numpy(), [1 / 255, 2 / 255, 3 / 255], atol=ATOL)
     assert spec_for("bair", ds) == PAPER_TASKS["bair"]
     windows = load_task("bair", data_dir=str(tmp_path), validation_fraction=0.34, window_stride=1, scale=2,
@@ -228,7 +230,8 @@ def test_human_loader(tmp_path):
     (root / "train.txt").write_text("images/S1_Walking.54138969_,1\nimages/S1_Walking.54138969_,11\n"
                                     "images/S5_Eating.55011271_,3\n\n")
     (root / "test.txt").write_text("images/S11_Walking.58860488_,5\nimages/S9_Phoning.60457274_,1\n")
-    ds = load_task("human", data_dir=str(tmp_path), image_size=16, validation_fraction=0.5, cache_dir=str(tmp_path / "c"))
+    ds = load_task("human", data_dir=str(tmp_path), image_size=16, validation_fraction=0.5,
+                   cache_dir=str(tmp_path / "c"))
     assert [len(ds[s]) for s in ds] == [2, 1, 2]  # S5 (last video of train.txt, sorted) validates
     clip = ds["train"][1]
     assert clip["inputs"].shape == (4, 3, 16, 16) and clip["targets"].shape == (4, 3, 16, 16)
@@ -356,7 +359,8 @@ def test_sevir_loader(tmp_path):
     assert [len(ds[s]) for s in ds] == [6, 3, 6]  # 2 / 1 / 2 events, 3 windows each (25 frames every 12 of 49)
     clip = ds["train"][4]  # event 1, window 1
     assert clip["inputs"].shape == (13, 1, 16, 16) and clip["targets"].shape == (12, 1, 16, 16)
-    np.testing.assert_allclose(clip["inputs"][:, 0, 5, 5].numpy(), [_code(1, 12 + t) / 255 for t in range(13)], atol=ATOL)
+    np.testing.assert_allclose(clip["inputs"][:, 0, 5, 5].numpy(), [_code(1, 12 + t) / 255 for t in range(13)],
+                               atol=ATOL)
     np.testing.assert_allclose(clip["targets"][:, 0, 5, 5].numpy(), [_code(1, 25 + t) / 255 for t in range(12)],
                                atol=ATOL)
     assert clip["inputs"][0, 0, 0, 1] == pytest.approx(7 / 255, abs=ATOL) and clip["inputs"][0, 0, 1, 0] != clip[
@@ -519,8 +523,9 @@ def test_enso_loader(tmp_path, fmt):
     assert [len(ds[s]) for s in ds] == [2 * per_model[3] + 1 * per_model[2], per_model[2], per_model[2]]
     low, high = ENSO_SST_RANGE
     lat, lon = np.meshgrid(np.arange(24), np.arange(19, 67), indexing="ij")  # longitudes 95E-330E
-    for split, index, model, start in (("train", 1, 0, 7), ("train", per_model[3] + 7, 1, 49), ("train", 2 * per_model[3], 2, 0),
-                                       ("test", 2, 4, 14)):
+    cases = (("train", 1, 0, 7), ("train", per_model[3] + 7, 1, 49), ("train", 2 * per_model[3], 2, 0),
+             ("test", 2, 4, 14))  # (split, clip, model, first month)
+    for split, index, model, start in cases:
         clip = torch.cat([ds[split][index]["inputs"], ds[split][index]["targets"]]).numpy()[:, 0]  # (5, 24, 48)
         expected = np.stack([(_enso_value(model, start + t, lat, lon) - low) / (high - low) for t in range(5)])
         np.testing.assert_allclose(clip, expected, atol=ATOL)  # the months of one model only, in order

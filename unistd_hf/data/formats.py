@@ -86,7 +86,9 @@ def read_hickle_strings(h5: Any, path: Path) -> list[str]:
     payload = _hickle_payload(h5, path)
     if hasattr(payload, "shape"):
         if payload.ndim != 1 or payload.dtype.kind not in "SOU":
-            raise ValueError(f"{path}: expected a list of strings, got a {payload.dtype} array of shape {payload.shape}")
+            raise ValueError(
+                f"{path}: expected a list of strings, got a {payload.dtype} array of shape {payload.shape}"
+            )
         return [_as_text(v) for v in payload[()]]
     items = sorted(payload.keys(), key=lambda k: int(re.sub(r"\D", "", k) or 0))
     return [_as_text(payload[k][()]) for k in items]
@@ -116,7 +118,9 @@ def iter_tfrecord_examples(path: Path, task: str) -> Iterator[dict[str, Any]]:
             yield features
             index += 1
     except (RuntimeError, OSError) as error:  # the tfrecord package raises RuntimeError on a short read
-        raise ValueError(f"{path}: expected TFRecord framing, record {index} is truncated or corrupt ({error})") from None
+        raise ValueError(
+            f"{path}: expected TFRecord framing, record {index} is truncated or corrupt ({error})"
+        ) from None
     except Exception as error:  # protobuf's DecodeError
         if type(error).__name__ != "DecodeError":
             raise

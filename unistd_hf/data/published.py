@@ -17,7 +17,6 @@ Table 1 shapes); `scale=k` averages k x k pixels (a lighter task). See docs/DATA
 from __future__ import annotations
 
 import csv
-import math
 import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -30,7 +29,16 @@ from datasets.fingerprint import Hasher
 from PIL import Image
 
 from ..metrics import DEFAULT_METRICS
-from .builder import Example, build_splits, check_dtype, check_finite, check_shape, file_signature, require_file, to_unit
+from .builder import (
+    Example,
+    build_splits,
+    check_dtype,
+    check_finite,
+    check_shape,
+    file_signature,
+    require_file,
+    to_unit,
+)
 from .formats import (
     close_netcdf,
     iter_tfrecord_examples,
@@ -143,7 +151,9 @@ def _kitti_open(folder: Path, split: str) -> tuple[Any, list[str], Path]:
         check_shape(frames, str(x_path), (None, None, None, 3), "(frames, height, width, RGB)")
         check_dtype(frames, str(x_path), "u", "uint8 (0-255)")
         if len(sources) != frames.shape[0]:
-            raise ValueError(f"{s_path}: expected one source per frame of {x_path} ({frames.shape[0]}), got {len(sources)}")
+            raise ValueError(
+                f"{s_path}: expected one source per frame of {x_path} ({frames.shape[0]}), got {len(sources)}"
+            )
     except ValueError:
         h5.close()
         raise
@@ -383,7 +393,9 @@ _CITYSCAPES_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 def _cityscapes_sequences(folder: Path) -> list[list[Path]]:
     """The frames of each snippet (city, sequence number, consecutive frame numbers), in frame order."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"cityscapes: expected a folder {folder} holding <city>/<city>_<seq>_<frame>_leftImg8bit.png")
+        raise FileNotFoundError(
+            f"cityscapes: expected a folder {folder} holding <city>/<city>_<seq>_<frame>_leftImg8bit.png"
+        )
     groups: dict[tuple[str, int], list[tuple[int, Path]]] = {}
     for path in folder.glob("*/*_leftImg8bit.png"):
         match = _CITYSCAPES_FILE.match(path.name)
@@ -425,7 +437,8 @@ def load_cityscapes(
     """Cityscapes video snippets (30 frames each), 2 -> 5 at 128x128 as the paper.
 
     Args:
-        data_dir: folder holding `cityscapes/leftImg8bit_sequence/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`.
+        data_dir: folder holding
+            `cityscapes/leftImg8bit_sequence/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`.
         seed: unused (the official train / val / test folders are the splits).
         in_frames, out_frames: frames per clip.
         window_stride: frames between clip starts within a snippet (10: 3 clips per 30-frame snippet, the
@@ -474,10 +487,11 @@ def _sevir_events(catalog: Path) -> list[tuple[datetime, str, str, int]]:
             if row["img_type"] != "vil" or float(row.get("pct_missing") or 0) != 0:  # Earthformer's default filter
                 continue
             try:
-                events.append((datetime.fromisoformat(row["time_utc"]), row["id"], row["file_name"], int(row["file_index"])))
+                time, index = datetime.fromisoformat(row["time_utc"]), int(row["file_index"])
             except ValueError as error:
                 raise ValueError(f"{catalog}:{line}: expected time_utc 'YYYY-MM-DD HH:MM:SS' and an int file_index "
                                  f"({error})") from None
+            events.append((time, row["id"], row["file_name"], index))
     if not events:
         raise ValueError(f"{catalog}: no row with img_type 'vil' (and pct_missing 0)")
     return sorted(events)
@@ -504,7 +518,9 @@ def _generate_sevir(root: str, events: list[tuple[str, str, int]], starts: list[
                 handle, current = open_hdf5(path, "sevir", "a SEVIR VIL HDF5 file"), file_name
             vil = _sevir_vil(handle, path)
             if index >= vil.shape[0]:
-                raise ValueError(f"{path}: catalog event {event_id} has file_index {index}, the file holds {vil.shape[0]}")
+                raise ValueError(
+                    f"{path}: catalog event {event_id} has file_index {index}, the file holds {vil.shape[0]} events"
+                )
             if "id" in handle:
                 stored = handle["id"][index]
                 stored = stored.decode() if isinstance(stored, bytes) else str(stored)
@@ -604,7 +620,7 @@ def _t4c_array(h5: Any, path: Path) -> Any:
 
 
 def _t4c_frames(frames: np.ndarray, grid: tuple[int, int], pool: int, source: str) -> np.ndarray:
-    """(T, H, W, 8) uint8 -> (T, 8, grid_h, grid_w): zero-padded at the bottom/right to grid * pool, then pool x pool means."""
+    """(T, H, W, 8) uint8 -> (T, 8, grid_h, grid_w): zero-padded (bottom, right) to grid * pool, pool x pool means."""
     T, H, W, C = frames.shape
     height, width = grid[0] * pool, grid[1] * pool
     if H > height or W > width:
@@ -698,7 +714,6 @@ def _enso_open(path: Path) -> tuple[Any, Any, np.ndarray]:
             raise ValueError(f"{path}: expected 36 months per record (dimension 'month'), got {sst.shape[order[1]]}")
         check_dtype(sst, str(path), "f", "float SST anomalies")
     except ValueError:
-        del sst
         close_netcdf(handle)
         raise
     return sst, handle, order
