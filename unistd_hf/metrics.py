@@ -255,8 +255,8 @@ def nino34_scores(
     p0, t0 = p - p.mean(dim=0), t - t.mean(dim=0)
     corr = (p0 * t0).sum(dim=0) / ((p0.square().sum(dim=0) * t0.square().sum(dim=0)).sqrt() + 1e-6)  # (L,)
     leads = corr.numel()
-    weights = torch.tensor([(_NINO34_WEIGHTS[i] if i < len(_NINO34_WEIGHTS) else 4.0) for i in range(leads)],
-                           dtype=torch.float64, device=corr.device) * torch.log(torch.arange(1, leads + 1, dtype=torch.float64, device=corr.device))
+    weights = [(_NINO34_WEIGHTS[i] if i < len(_NINO34_WEIGHTS) else 4.0) * math.log(i + 1) for i in range(leads)]
+    weights = torch.tensor(weights, dtype=torch.float64, device=corr.device)  # (L,)
     return {
         "nino34_corr": corr.mean().item(),
         "nino34_wcorr": (weights * corr).sum().item(),
