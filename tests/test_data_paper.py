@@ -682,3 +682,22 @@ def test_paper_config_runs_two_steps_on_all_ten_tasks(tmp_path):
         optimizer.step()
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, weights))
     assert changed > len(weights) // 2  # every task's head and the shared adapters moved
+
+
+def test_default_chunk_fits_the_memory_budget(tmp_path, monkeypatch):
+    from datasets import arrow_writer
+
+    from unistd_hf.data import builder
+
+    sizes = []
+    original = arrow_writer.ArrowWriter.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sizes.append(self.writer_batch_size)
+
+    monkeypatch.setattr(arrow_writer.ArrowWriter, "__init__", init)
+    monkeypatch.setattr(builder, "CHUNK_BYTES", 25 * 64 * 64 * 2 * 3)  # room for 3 clips of 25 x 64 x 64
+    _write_sevir(tmp_path, SEVIR_FILES, size=64)
+    load_task("sevir", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert sizes and set(sizes) == {3}

@@ -28,6 +28,8 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 STORAGE_DTYPE = "float16"
+CHUNK_BYTES = 256 * 2**20  # default memory budget of the clips held before `datasets` writes them
+MAX_CHUNK = 1000  # `datasets`' own default writer batch (rows)
 
 Example = dict[str, np.ndarray]
 
@@ -72,13 +74,17 @@ def build_splits(
     when a build with that key already exists under `cache_dir`.
 
     Memory: the generators read one clip at a time, and `datasets` holds at most `max_chunk` clips (its
-    `writer_batch_size`; default: its own, 1,000 rows) before writing them to disk, so a split larger than
-    memory builds with about `max_chunk` clips in memory. `streaming=True` writes nothing: it returns an
+    `writer_batch_size`) before writing them to disk, so a split larger than memory builds with about
+    `max_chunk` clips in memory. Default: as many clips as fit in `CHUNK_BYTES` (256 MiB), at most 1,000
+    (e.g. 36 SEVIR clips of 25 x 384 x 384). `streaming=True` writes nothing: it returns an
     `IterableDatasetDict` whose splits read the files again on every pass.
     """
     features = clip_features(in_shape, out_shape)
     if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
         raise ValueError(f"max_chunk must be None or a positive int (clips held before writing), got {max_chunk!r}")
+    if max_chunk is None:
+        clip_bytes = 2 * (int(np.prod(in_shape)) + int(np.prod(out_shape)))  # float16
+        max_chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // clip_bytes))
     # a list in gen_kwargs would be read by `datasets` as shards to split between processes: pass tuples
     generators = {
         split: (generator, {k: tuple(v) if isinstance(v, list) else v for k, v in gen_kwargs.items()})
@@ -113,7 +119,7 @@ def build_splits(
                 gen_kwargs=gen_kwargs,
                 split=datasets.NamedSplit(split),
                 fingerprint=fingerprint,
-                **({"writer_batch_size": max_chunk} if max_chunk else {}),
+                writer_batch_size=max_chunk,
             )
         except DatasetGenerationError as error:
             if isinstance(error.__cause__, (ValueError, OSError)):  # a bad input file: show our message, not a wrapper

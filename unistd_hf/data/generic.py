@@ -8,6 +8,7 @@ maps [low, high] linearly to [0, 1] (values outside are clipped); "array" also a
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,17 @@ def _split_indices(
 def _open_array(path: Path, key: str | None) -> np.ndarray:
     """The (N, T, C, H, W) or (N, T, H, W) array in a .npy file, or under `key` in a .npz file."""
     require_file(path, "array task")
+    try:
+        return _read_array(path, key)
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable {path.suffix} array (empty or truncated?): {error}") from error
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: not a readable {path.suffix} array (empty or truncated?): {error}") from error
+
+
+def _read_array(path: Path, key: str | None) -> np.ndarray:
     if path.suffix == ".npy":
         if key is not None:
             raise ValueError(f"{path}: key={key!r} only applies to .npz files")

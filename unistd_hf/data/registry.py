@@ -72,8 +72,9 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0, **options) 
 
     Args:
         name: a name from `list_tasks()`.
-        data_dir: the folder holding OpenSTL's data layout (`moving_mnist/`, `taxibj/`, `kth/`); unused by
-            synthetic and generic tasks.
+        data_dir: the folder holding the data sets' files in their published layouts (`moving_mnist/`, `taxibj/`,
+            `kth/`, `kitti_hkl/`, `softmotion30_44k/`, `human/`, `cityscapes/`, `sevir/`, `traffic4cast/`, `enso/`;
+            see docs/DATA.md); unused by synthetic and generic tasks.
         seed: seed of every random choice (synthetic clips, generated training clips, random splits).
         options: task-specific options; see the loader's docstring (`get_task(name).loader`) or docs/DATA.md.
     """
