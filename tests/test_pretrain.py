@@ -182,6 +182,17 @@ def test_resume_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):
         pretrain(tiny_args(tmp_path / "resumed", width=64, **short))
 
 
+def test_decoder_only_control_leaves_the_encoder_at_its_initialisation(tmp_path):
+    from unistd_hf.pretrain import build_autoencoder
+
+    args = tiny_args(tmp_path / "control", train_encoder=False, max_steps=3, eval_every=0, num_heldout_crops=8, batch_size=8)
+    report = pretrain(args)
+    saved = load_file(str(tmp_path / "control" / "backbone" / "model.safetensors"))
+    initial = build_autoencoder(args).encoder.state_dict()
+    assert all(torch.equal(saved[k], initial[k]) for k in saved)
+    assert report["heldout"]["pretrained"] != report["heldout"]["never_trained"]  # the decoder did learn
+
+
 def test_command_line_errors_exit_2_before_any_work(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path / "x"), "--image_size", "30", "--patch_size", "8"]) == 2
     assert "multiple of --patch_size" in capsys.readouterr().err

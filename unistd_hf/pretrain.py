@@ -120,6 +120,11 @@ class PretrainArguments:
     decoder_width: int = field(default=64, metadata={"help": "Width of the MAE decoder."})
     decoder_layers: int = field(default=2, metadata={"help": "Transformer blocks of the MAE decoder."})
     decoder_heads: int = field(default=4, metadata={"help": "Attention heads of the MAE decoder."})
+    train_encoder: bool = field(
+        default=True,
+        metadata={"help": "False: a control run in which only the decoder learns, on the encoder's random init (how much "
+                  "of the reconstruction the encoder's own pretraining accounts for; docs/PRETRAINING.md)."},
+    )
     # objective
     mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches hidden from the encoder."})
     norm_pix_loss: bool = field(default=True, metadata={"help": "Targets are per-patch normalised pixels (as MAE)."})
@@ -917,11 +922,13 @@ def pretrain(args: PretrainArguments, command: str | None = None) -> dict[str, A
     accelerator.wait_for_everyone()
 
     model = build_autoencoder(args)
+    if not args.train_encoder:
+        model.encoder.requires_grad_(False)
     set_seed(args.seed)
     heldout = heldout_set(heldout_pool, args, model.num_patches)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]  # biases, norms, mask token
+    no_decay = [p for p in trainable if p.ndim < 2]  # biases and norm weights (the (1, 1, D) mask token is decayed)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(args.warmup_steps, args.max_steps), args.max_steps)
