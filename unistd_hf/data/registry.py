@@ -21,7 +21,7 @@ class TaskInfo:
         name: registry name, also the `TaskSpec.name` of the data the loader returns.
         spec: the shapes with the loader's default options; None when the data decides (generic loaders).
             Use `spec_for(name, dataset)` to get the spec of data loaded with other options.
-        discipline: "trajectory", "traffic", "weather", "driving", "human motion" or "generic".
+        discipline: "trajectory", "traffic", "weather", "driving", "robot action", "human motion" or "generic".
         metrics: metric names for `unistd_hf.metrics.MetricAccumulator`.
         csi_thresholds: CSI thresholds in [0, 1] (empty if CSI is not meaningful for the task).
         synthetic: True when generated locally (no files needed).
