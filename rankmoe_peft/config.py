@@ -139,6 +139,9 @@ class RankMoEConfig(PeftConfig):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         if self.rank_budget is not None and self.rank_budget < 0:
             raise ValueError(f"rank_budget must be None or >= 0, got {self.rank_budget!r}")
+        if not self.rank_grad_scale > 0:
+            raise ValueError(f"rank_grad_scale (gamma) must be > 0, got {self.rank_grad_scale!r}: a negative value "
+                             "reverses the rank gradient")
         if self.budget_weight < 0:
             raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight!r}")
         for pattern, count in self.num_experts_pattern.items():

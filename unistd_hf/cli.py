@@ -13,7 +13,10 @@ from transformers import HfArgumentParser
 
 from .training import NonFiniteLossError, TrainingArguments, train
 
-__all__ = ["parse_training_arguments", "read_config_file", "main"]
+__all__ = ["parse_training_arguments", "read_config_file", "main", "USER_ERRORS"]
+
+# What a user's input can cause (bad values, missing or unreadable files): one `error:` line and exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -21,9 +24,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {str(path)!r} is not a text file (expected UTF-8 JSON or YAML): {error}") from error
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
     if not isinstance(values, dict):
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate and train; bad arguments print one `error:` line and return 2 before any training."""
     try:
         train(parse_training_arguments(argv))
-    except ValueError as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

@@ -74,7 +74,8 @@ _CSI_EPS = 1e-6
 _SSIM_K1, _SSIM_K2 = 0.01, 0.03
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> float:
+    """Check a (pred, target) pair; returns the data range to use (1.0 for float frames in [0, 1])."""
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError(
             f"pred and target must be torch tensors, got {type(pred).__name__} and {type(target).__name__}"
@@ -83,10 +84,22 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(
             f"pred and target must both have shape (B, T, C, H, W), got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
+    if pred.numel() == 0:
+        raise ValueError(f"pred and target hold no frames (shape {tuple(pred.shape)}); metrics need at least one")
+    if data_range is None:
+        if not (pred.is_floating_point() and target.is_floating_point()):
+            raise ValueError(
+                f"metrics expect float frames in [0, 1], got {pred.dtype} and {target.dtype}: convert integer frames "
+                "(e.g. uint8 / 255.0), or pass data_range= (e.g. 255) where the metric takes one"
+            )
+        return 1.0
+    if not data_range > 0:
+        raise ValueError(f"data_range must be > 0 (the span of the values: 1.0 for [0, 1], 255 for uint8), got {data_range}")
+    return float(data_range)
 
 
-def _error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    _check_pair(pred, target)
+def _error(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+    _check_pair(pred, target, data_range)
     return pred.double() - target.double()  # (B, T, C, H, W)
 
 
@@ -115,13 +128,15 @@ def mae_openstl(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _error(pred, target).abs().sum(dim=(2, 3, 4)).mean()
 
 
-def psnr_per_frame(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR of each frame (MSE over C*H*W), shape (B, T); per-frame MSE floored at 1e-10."""
-    frame_mse = _error(pred, target).square().mean(dim=(2, 3, 4)).clamp_min(_PSNR_MSE_FLOOR)  # (B, T)
+def psnr_per_frame(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+    """PSNR of each frame (MSE over C*H*W), shape (B, T); per-frame MSE floored at 1e-10. `data_range` None: float
+    frames in [0, 1] (range 1); integer frames need it given."""
+    data_range = _check_pair(pred, target, data_range)
+    frame_mse = _error(pred, target, data_range).square().mean(dim=(2, 3, 4)).clamp_min(_PSNR_MSE_FLOOR)  # (B, T)
     return 10.0 * torch.log10(data_range**2 / frame_mse)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
     """PSNR per frame, averaged over frames and clips."""
     return psnr_per_frame(pred, target, data_range).mean()
 
@@ -140,14 +155,14 @@ def _ssim_kernel_1d(window: SSIMWindow, device: torch.device) -> torch.Tensor:
 
 
 def ssim_per_frame(
-    pred: torch.Tensor, target: torch.Tensor, window: SSIMWindow = "gaussian", data_range: float = 1.0
+    pred: torch.Tensor, target: torch.Tensor, window: SSIMWindow = "gaussian", data_range: float | None = None
 ) -> torch.Tensor:
     """SSIM of each frame (mean over channels of the per-channel SSIM), shape (B, T).
 
     Only the "valid" part of the SSIM map is averaged, exactly what scikit-image keeps after cropping
     the border of width (window - 1) / 2, so no padding mode is involved.
     """
-    _check_pair(pred, target)
+    data_range = _check_pair(pred, target, data_range)
     B, T, C, H, W = pred.shape
     kernel = _ssim_kernel_1d(window, pred.device)
     size = kernel.numel()
@@ -170,7 +185,7 @@ def ssim_per_frame(
 
 
 def ssim(
-    pred: torch.Tensor, target: torch.Tensor, window: SSIMWindow = "gaussian", data_range: float = 1.0
+    pred: torch.Tensor, target: torch.Tensor, window: SSIMWindow = "gaussian", data_range: float | None = None
 ) -> torch.Tensor:
     """SSIM per frame and channel, averaged over channels, frames and clips."""
     return ssim_per_frame(pred, target, window, data_range).mean()

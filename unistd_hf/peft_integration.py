@@ -109,6 +109,7 @@ def load_unistd_peft_model(
 
     import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
 
+    _check_adapter_folder(adapter_dir)
     peft_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     base_model_config = getattr(peft_config, "base_model_config", None)
     if not base_model_config:
@@ -129,6 +130,18 @@ def load_unistd_peft_model(
         )
     model = UniSTDModel(config)
     return peft.PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+def _check_adapter_folder(adapter_dir: str | Path) -> None:
+    """A local adapter folder must hold both adapter files; a name that is not a local path is a hub id."""
+    folder = Path(adapter_dir)
+    looks_local = folder.exists() or str(adapter_dir).startswith((".", "/", "~")) or str(adapter_dir).count("/") > 1
+    if not looks_local:
+        return
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"adapter folder {str(folder)!r} lacks {missing}; expected a folder written by "
+                         "save_pretrained of a UniSTD peft model (e.g. a training run's output_dir/adapter)")
 
 
 def save_backbone(model: nn.Module, save_directory: str | Path) -> CLIPVisionModel:

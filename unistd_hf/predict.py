@@ -2,8 +2,10 @@
 
     python -m unistd_hf.predict --adapter outputs/unistd/adapter --task moving_digits --input clip.npy
 
-The input is a .npy array (T, C, H, W) or (B, T, C, H, W) in [0, 1] (uint8 is divided by 255). Writes the
-predictions (B, T', C, H, W) float32 to --output (default: <input>.pred.npy) and a picture of the first clip.
+The input is a .npy array (T, C, H, W) or (B, T, C, H, W): float in [0, 1], or uint8 (divided by 255); other
+value ranges are refused (map them to [0, 1] as the task's loader does). Writes the predictions (B, T', C, H, W)
+float32, clamped to [0, 1] unless --no_clamp, to --output (default: <input>.pred.npy) and a picture of the first
+clip.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ def resolve_backbone(adapter_dir: Path, backbone: str | None) -> str | None:
 
 
 def read_input(path: Path) -> torch.Tensor:
+    """Frames (B, T, C, H, W) float32 in [0, 1] from a .npy file; uint8 frames are divided by 255, floats are
+    taken as they are (the model refuses values outside [0, 1])."""
     if not path.is_file():
         raise ValueError(f"input file {str(path)!r} does not exist")
-    array = np.load(path, allow_pickle=False)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"input file {str(path)!r} is not a readable .npy array (empty or truncated?): {error}") from error
     if array.ndim == 4:
         array = array[None]
     if array.ndim != 5:
@@ -42,11 +49,15 @@ def read_input(path: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(adapter: str | Path, task: str, inputs: torch.Tensor, backbone: str | None = None) -> torch.Tensor:
+def predict(
+    adapter: str | Path, task: str, inputs: torch.Tensor, backbone: str | None = None, clamp: bool = True
+) -> torch.Tensor:
+    """Forecast of a saved model; `clamp` limits the (linear) output to the data's [0, 1] range."""
     from .peft_integration import load_unistd_peft_model
 
     model = load_unistd_peft_model(adapter, backbone=resolve_backbone(Path(adapter), backbone)).eval()
-    return model(pixel_values=inputs, task=task).predictions
+    predictions = model(pixel_values=inputs, task=task).predictions
+    return predictions.clamp(0.0, 1.0) if clamp else predictions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help=".npy array (T, C, H, W) or (B, T, C, H, W)")
     parser.add_argument("--output", default=None, help="where to write predictions (.npy)")
     parser.add_argument("--backbone", default=None, help="backbone folder or hub id, if not the one the run saved")
+    parser.add_argument("--no_clamp", action="store_true", help="write the raw linear output, not clamped to [0, 1]")
     args = parser.parse_args(argv)
+    from .cli import USER_ERRORS
     from .report import plot_prediction_grid
 
     try:
         inputs = read_input(Path(args.input))
-        predictions = predict(args.adapter, args.task, inputs, args.backbone)
-    except ValueError as error:
+        predictions = predict(args.adapter, args.task, inputs, args.backbone, clamp=not args.no_clamp)
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     output = Path(args.output or Path(args.input).with_suffix(".pred.npy"))

@@ -34,6 +34,9 @@ def resolve_run_backbone(args: TrainingArguments) -> tuple[str | CLIPVisionModel
         ))
         return clip, parameter_fingerprint(clip)
     source = resolve_backbone(args.backbone)
+    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ValueError(f"--backbone {args.backbone!r}: no such folder (expected a CLIP checkpoint folder, a hub id "
+                         f"like openai/clip-vit-base-patch16, or {RANDOM_BACKBONE!r})")
     weights = Path(source) / "model.safetensors"
     if Path(source).exists() and not weights.is_file():
         raise ValueError(f"--backbone {args.backbone!r}: {str(weights)!r} does not exist; expected a CLIP checkpoint "
