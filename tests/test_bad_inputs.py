@@ -51,6 +51,8 @@ CLI_ROWS = [
     (["--num_train_per_task", "city_traffic=0"], "'city_traffic=0'"),
     (["--num_train_per_task", "city_trafic=100"], "unknown task(s) ['city_trafic']"),
     (["--finetune_backbone", "true"], "use it with --adapter none"),
+    (["--task_options", '{"kth": {"out_frames": 20}}'], "names task(s) ['kth'] that are not in --tasks"),
+    (["--task_options", "kth=20"], "--task_options must be a JSON mapping"),
     (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "'/no/such/checkpoint' is not a checkpoint folder"),
     (["--resume_from_checkpoint", "latest", "--overwrite_output_dir", "true"], "pick one"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..configuration_unistd import GATE_MODES
 from ..data import list_tasks
 from ..pretrain import PACKAGED_BACKBONE
 
-__all__ = ["TrainingArguments", "validate_arguments", "parse_clip_counts", "SCHEDULES", "ADAPTERS"]
+__all__ = ["TrainingArguments", "validate_arguments", "parse_clip_counts", "parse_task_options", "SCHEDULES", "ADAPTERS"]
 
 SCHEDULES = ("round_robin", "proportional", "temperature")
 ADAPTERS = ("rankmoe", "lora", "fixed_rank", "none")
@@ -51,6 +52,11 @@ class TrainingArguments:
             "city_traffic (32x32 frames: a batch costs ~1/5 of the 64x64 tasks) more batches per epoch: it needs "
             "~300 batches to get below the copy-last-frame error, the others fewer."
         },
+    )
+    task_options: str | None = field(
+        default=None,
+        metadata={"help": "Loader options per task, as JSON (or a mapping in a --config file), e.g. "
+                  "'{\"kth\": {\"out_frames\": 20}, \"sevir\": {\"max_chunk\": 32}}' (see docs/DATA.md)."},
     )
     num_validation: int = field(default=32, metadata={"help": "Validation clips per synthetic task."})
     num_test: int = field(default=64, metadata={"help": "Test clips per synthetic task."})
@@ -157,6 +163,7 @@ def validate_arguments(args: TrainingArguments) -> None:
     if args.rank_budget is not None and args.rank_budget < 0:
         raise ValueError(f"--rank_budget must be >= 0, got {args.rank_budget}")
     parse_clip_counts(args.num_train_per_task)
+    parse_task_options(args.task_options, args.tasks)
     if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU (none is used here); use 'no' or 'bf16'")
     if args.push_to_hub and not args.hub_model_id:
@@ -169,6 +176,23 @@ def validate_arguments(args: TrainingArguments) -> None:
     check_writable(Path(args.output_dir))
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise ValueError("--resume_from_checkpoint continues a run, --overwrite_output_dir starts a new one: pick one")
+
+
+def parse_task_options(value: str | dict | None, tasks: list[str]) -> dict[str, dict]:
+    """--task_options as {task: {option: value}}; a clear error for anything else."""
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--task_options must be a JSON mapping of task -> options, got {value!r}: {error}") from error
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"--task_options must map task names to option mappings, got {value!r}")
+    unknown = sorted(set(value) - set(tasks))
+    if unknown:
+        raise ValueError(f"--task_options names task(s) {unknown} that are not in --tasks {tasks}")
+    return value
 
 
 def check_writable(folder: Path) -> None:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from ..configuration_unistd import TaskSpec
 from ..data import TaskInfo, get_task, load_task, spec_for
-from .arguments import SCHEDULES, TrainingArguments, parse_clip_counts
+from .arguments import SCHEDULES, TrainingArguments, parse_clip_counts, parse_task_options
 
 __all__ = ["TaskData", "task_data", "load_tasks", "batch_counts", "epoch_order", "task_schedule", "epoch_batches"]
 
@@ -44,12 +44,14 @@ def task_data(name: str, data: Any) -> TaskData:
 
 def load_tasks(args: TrainingArguments, accelerator: Accelerator) -> dict[str, TaskData]:
     clip_counts = parse_clip_counts(args.num_train_per_task)
+    task_options = parse_task_options(args.task_options, args.tasks)
     tasks = {}
     for name in args.tasks:
         options: dict[str, Any] = {"cache_dir": args.cache_dir} if args.cache_dir else {}
         if get_task(name).synthetic:
             options.update(num_train=clip_counts.get(name, args.num_train), num_validation=args.num_validation,
                            num_test=args.num_test)
+        options.update(task_options.get(name, {}))
         with accelerator.main_process_first():  # one process generates, the others read the cache
             tasks[name] = task_data(name, load_task(name, data_dir=args.data_dir, seed=args.seed, **options))
     return tasks
