@@ -9,8 +9,9 @@ pairs frame t with frame t; here T' may differ from T, so `SkipTimeMap` maps the
 each output frame starts as the *last* observed frame's features (the frame closest to the future) plus a learned,
 zero-initialised 1x1 map over the stacked time axis (per channel, T -> T'; grouped by channel because the decoder's
 last 3x3 block mixes channels anyway, and it costs T*T' multiply-adds per pixel and channel instead of (T*C')*(T'*C')).
-Measured against a plain "last frame's features" skip and a full (T*C' -> T'*C') 1x1 conv: see the README and
-`docs/RESULTS.md`.
+Measured on moving_digits alone (512 clips, 128 batches, one seed, residual to the last frame on): without the skip
+MSE 0.0421 / PSNR 13.96 / SSIM 0.191, with it 0.0389 / 14.30 / 0.241 (copy-last-frame: 0.0806 / 11.13 / 0.571).
+A plain last-frame skip (the map's initial state, kept frozen) and a full (T*C' -> T'*C') 1x1 conv were not compared.
 """
 
 from __future__ import annotations
