@@ -34,7 +34,7 @@ from .builder import (
 )
 from .paper_tasks import PAPER_TASKS
 from .registry import TaskInfo, register_task
-from .synthetic import CHUNK, read_idx_images, render_moving_digits
+from .synthetic import CHUNK, mnist_file, read_idx_images, render_moving_digits
 
 __all__ = ["KTH_ACTIONS", "load_kth", "load_mmnist", "load_taxibj"]
 
@@ -49,16 +49,6 @@ def _need_data_dir(task: str, data_dir: str | None, layout: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------
 # Moving MNIST
-
-
-def _mnist_idx(folder: Path) -> Path:
-    for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(
-        f"Moving MNIST training digits: expected {folder / 'train-images-idx3-ubyte.gz'} (or without .gz), "
-        "found neither"
-    )
 
 
 def _read_mmnist_test(path: Path) -> np.ndarray:
@@ -105,7 +95,7 @@ def load_mmnist(
     folder = _need_data_dir("mmnist", data_dir, "moving_mnist/mnist_test_seq.npy") / "moving_mnist"
     test_path = folder / "mnist_test_seq.npy"
     test = _read_mmnist_test(test_path)
-    idx_path = _mnist_idx(folder)
+    idx_path = mnist_file(folder)
     read_idx_images(idx_path)  # checks the magic number and size now
     available = test.shape[1]
     num_test = available if num_test is None else int(num_test)

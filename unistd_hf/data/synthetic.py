@@ -93,7 +93,7 @@ def _sklearn_digits() -> np.ndarray:
     return big[:, 0].numpy()
 
 
-def _mnist_file(path: str | Path) -> Path:
+def mnist_file(path: str | Path) -> Path:
     """The idx image file itself, or the one inside a folder (`train-images-idx3-ubyte[.gz]`)."""
     path = Path(path)
     if path.is_dir():
@@ -513,11 +513,11 @@ def load_moving_digits(
 
     The last 20% of the digit images appear only in the test split.
     """
-    mnist_file = None if mnist_path is None else _mnist_file(mnist_path)
-    if mnist_file is not None:
-        read_idx_images(mnist_file)  # fail now, with a clear message, rather than inside the generator
-    options = {"num_digits": int(num_digits), "mnist_path": None if mnist_file is None else str(mnist_file)}
-    key = {"mnist": None if mnist_file is None else file_signature(mnist_file)}
+    digits_file = None if mnist_path is None else mnist_file(mnist_path)
+    if digits_file is not None:
+        read_idx_images(digits_file)  # fail now, with a clear message, rather than inside the generator
+    options = {"num_digits": int(num_digits), "mnist_path": None if digits_file is None else str(digits_file)}
+    key = {"mnist": None if digits_file is None else file_signature(digits_file)}
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
     return _load_synthetic("moving_digits", seed, sizes, options, cache_dir, key)
 
