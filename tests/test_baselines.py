@@ -70,7 +70,9 @@ def test_translator_sees_all_frames_channels_at_once(model):
 @pytest.mark.parametrize("method", METHODS)
 def test_save_and_load_reference_model(method, tmp_path):
     torch.manual_seed(0)
-    model = build_reference_model(method, SPECS[:2], **SIZES, residual_to_last_frame=True, loss_l1_weight=0.25)
+    model = build_reference_model(
+        method, SPECS[:2], **SIZES, residual_to_last_frame=True, loss_l1_weight=0.25, loss_gdl_weight=0.5
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for spec in SPECS[:2]:  # one step per task: weights away from init, BatchNorm statistics updated
         x, y = clips(spec)
@@ -83,7 +85,7 @@ def test_save_and_load_reference_model(method, tmp_path):
     loaded = load_reference_model(tmp_path).eval()
     saved = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
     assert {k: v for k, v in loaded.config.to_dict().items() if k != "_name_or_path"} == saved
-    assert loaded.config.method == method and loaded.config.loss_l1_weight == 0.25
+    assert loaded.config.method == method and (loaded.config.loss_l1_weight, loaded.config.loss_gdl_weight) == (0.25, 0.5)
     with torch.no_grad():
         for spec in SPECS[:2]:
             x, _ = clips(spec, seed=1)

@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_clip_config
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
 from unistd_hf.modeling_unistd import UniSTDModel
-from unistd_hf.modules import FrameDecoder, FrameEncoder, SkipTimeMap, forecast_loss
+from unistd_hf.modules import FrameDecoder, FrameEncoder, SkipTimeMap, forecast_loss, image_gradient_difference
 
 FRAMES = [(3, 5), (5, 2), (4, 4)]  # T' > T, T' < T, T' = T
 
@@ -113,3 +113,22 @@ def test_l1_term_of_the_loss():
     torch.testing.assert_close(forecast_loss(out.predictions, y), error.square().mean())
     with pytest.raises(ValueError, match="loss_l1_weight must be >= 0"):
         UniSTDConfig(backbone=tiny_clip_config(), tasks=[spec], hidden_channels=8, loss_l1_weight=-1.0)
+
+
+def test_gradient_difference_term_penalises_blur():
+    target = torch.zeros(1, 1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1.0  # a sharp square
+    blurred = torch.nn.functional.avg_pool2d(target[0], 3, stride=1, padding=1)[None]
+    assert image_gradient_difference(target, target) == 0
+    assert image_gradient_difference(blurred, target) > 0.1
+    # by hand along W: edges of 1 at two columns per row, in 4 rows, over 8x7 differences; H likewise
+    flat = torch.zeros_like(target)
+    torch.testing.assert_close(image_gradient_difference(flat, target), torch.tensor(2 * (4 * 2) / 56.0))
+    spec = TaskSpec("t", 2, 3, 1, 8, 8, num_downsample=1)
+    model = make_model([spec], loss_gdl_weight=0.3)
+    x, y = clips(spec)
+    out = model(pixel_values=x, task="t", labels=y)
+    expected = forecast_loss(out.predictions, y) + 0.3 * image_gradient_difference(out.predictions, y)
+    torch.testing.assert_close(out.loss, expected)
+    with pytest.raises(ValueError, match="loss_gdl_weight must be >= 0"):
+        UniSTDConfig(backbone=tiny_clip_config(), tasks=[spec], hidden_channels=8, loss_gdl_weight=-0.1)

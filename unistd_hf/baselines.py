@@ -325,6 +325,7 @@ class ReferenceConfig(PretrainedConfig):
         mlp_ratio: TAU's MLP expansion.
         residual_to_last_frame: predict the change from the last observed frame.
         loss_l1_weight: weight of the L1 term of the loss (as `UniSTDConfig.loss_l1_weight`).
+        loss_gdl_weight: weight of the gradient difference term of the loss (as `UniSTDConfig.loss_gdl_weight`).
     """
 
     model_type = "unistd_reference"
@@ -340,6 +341,7 @@ class ReferenceConfig(PretrainedConfig):
         mlp_ratio: float = 8.0,
         residual_to_last_frame: bool = False,
         loss_l1_weight: float = 0.0,
+        loss_gdl_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if method not in METHODS:
@@ -354,8 +356,9 @@ class ReferenceConfig(PretrainedConfig):
             raise ValueError(f"hid_T must be >= 1, got {hid_T}")
         if N_T < (2 if method == "simvp" else 1):
             raise ValueError(f"N_T must be >= {2 if method == 'simvp' else 1} for {method}, got {N_T}")
-        if not loss_l1_weight >= 0:
-            raise ValueError(f"loss_l1_weight must be >= 0, got {loss_l1_weight}")
+        for name, weight in (("loss_l1_weight", loss_l1_weight), ("loss_gdl_weight", loss_gdl_weight)):
+            if not weight >= 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.method = method
         self.tasks = [t.to_dict() for t in specs]
         self.hid_S, self.hid_T, self.N_T = hid_S, hid_T, N_T
@@ -363,6 +366,7 @@ class ReferenceConfig(PretrainedConfig):
         self.mlp_ratio = float(mlp_ratio)
         self.residual_to_last_frame = residual_to_last_frame
         self.loss_l1_weight = float(loss_l1_weight)
+        self.loss_gdl_weight = float(loss_gdl_weight)
         super().__init__(**kwargs)
 
     @property
@@ -390,6 +394,7 @@ class ReferenceModel(PreTrainedModel):
     config: ReferenceConfig
     base_model_prefix = "reference"
     main_input_name = "pixel_values"
+    check_input_values: bool = True  # as UniSTDModel: the training loop turns the host-syncing value checks off
 
     def __init__(self, config: ReferenceConfig) -> None:
         super().__init__(config)
@@ -422,17 +427,19 @@ class ReferenceModel(PreTrainedModel):
         self, pixel_values: torch.Tensor, task: str, labels: torch.Tensor | None = None, return_dict: bool = True
     ) -> ReferenceOutput | tuple:
         """Forecast T' frames of `task` from T observed frames (same arguments and checks as `UniSTDModel`)."""
-        check_forecast_inputs(self.task_specs, pixel_values, task, labels)
+        check_forecast_inputs(self.task_specs, pixel_values, task, labels, self.check_input_values)
         model = self.models[task]
         predictions = model(pixel_values.to(next(model.parameters()).dtype))  # (B, T', C, H, W)
-        loss = None if labels is None else forecast_loss(predictions, labels, self.config.loss_l1_weight)
+        loss = None
+        if labels is not None:
+            loss = forecast_loss(predictions, labels, self.config.loss_l1_weight, self.config.loss_gdl_weight)
         output = ReferenceOutput(loss=loss, predictions=predictions)
         return output if return_dict else output.to_tuple()
 
 
 def build_reference_model(method: str, specs: list[TaskSpec], **sizes: Any) -> ReferenceModel:
     """A fresh SimVP or TAU `ReferenceModel` for `specs`; `sizes` are `ReferenceConfig` fields (hid_S, hid_T, N_T,
-    group_norm_groups, mlp_ratio, residual_to_last_frame, loss_l1_weight), e.g. `**PAPER_SIZE`."""
+    group_norm_groups, mlp_ratio, residual_to_last_frame, loss_l1_weight, loss_gdl_weight), e.g. `**PAPER_SIZE`."""
     return ReferenceModel(ReferenceConfig(method=method, tasks=list(specs), **sizes))
 
 

@@ -119,6 +119,8 @@ class UniSTDConfig(PretrainedConfig):
         loss_l1_weight: weight of an L1 term added to the MSE training loss (`modules.forecast_loss`); 0 is the
             paper's plain MSE. The L1 term keeps the background exact and edges sharp where MSE alone settles on a
             blurred mean.
+        loss_gdl_weight: weight of a gradient difference term (Mathieu et al. 2016; `modules.image_gradient_difference`)
+            added to the training loss: it asks for spatial edges as strong as the target's; 0 leaves it out.
         pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
             in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
             backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
@@ -140,6 +142,7 @@ class UniSTDConfig(PretrainedConfig):
         residual_to_last_frame: bool = False,
         decoder_skip: bool = True,
         loss_l1_weight: float = 0.0,
+        loss_gdl_weight: float = 0.0,
         pretrained_backbone_config: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -171,10 +174,12 @@ class UniSTDConfig(PretrainedConfig):
         self.use_temporal_adapter = use_temporal_adapter
         self.freeze_backbone = freeze_backbone
         self.residual_to_last_frame = residual_to_last_frame
-        if not loss_l1_weight >= 0:
-            raise ValueError(f"loss_l1_weight must be >= 0, got {loss_l1_weight}")
+        for name, weight in (("loss_l1_weight", loss_l1_weight), ("loss_gdl_weight", loss_gdl_weight)):
+            if not weight >= 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.decoder_skip = decoder_skip
         self.loss_l1_weight = float(loss_l1_weight)
+        self.loss_gdl_weight = float(loss_gdl_weight)
         self.group_norm_groups = group_norm_groups
         if isinstance(pretrained_backbone_config, CLIPVisionConfig):
             pretrained_backbone_config = pretrained_backbone_config.to_dict()

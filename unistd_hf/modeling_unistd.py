@@ -52,7 +52,7 @@ class UniSTDOutput(ModelOutput):
     """Output of `UniSTDModel.forward`.
 
     Args:
-        loss: MSE (+ `config.loss_l1_weight` * L1) between predictions and labels, in float32, when labels are given.
+        loss: `modules.forecast_loss` (MSE + the config's L1 and gradient difference terms), in float32, given labels.
         predictions: (B, T', C, H, W) forecast frames; linear output, meant for targets in [0, 1].
         last_hidden_state: (B, N, D) backbone output tokens, N = H'*W' in row-major order.
     """
@@ -216,7 +216,7 @@ class UniSTDModel(PreTrainedModel):
         Args:
             pixel_values: (B, T, C, H, W) observed frames, floating point, finite, scaled to [0, 1].
             task: a task name of the config.
-            labels: (B, T', C, H, W) target frames; gives `loss` (MSE + loss_l1_weight * L1).
+            labels: (B, T', C, H, W) target frames; gives `loss` (`modules.forecast_loss`).
             return_dict: False returns a tuple (loss?, predictions, last_hidden_state).
         """
         spec = self._check_inputs(pixel_values, task, labels)
@@ -247,7 +247,7 @@ class UniSTDModel(PreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = forecast_loss(predictions, labels, self.config.loss_l1_weight)
+            loss = forecast_loss(predictions, labels, self.config.loss_l1_weight, self.config.loss_gdl_weight)
         output = UniSTDOutput(loss=loss, predictions=predictions, last_hidden_state=hidden)
         return output if return_dict else output.to_tuple()
 
