@@ -53,16 +53,21 @@ def predict(
     adapter: str | Path, task: str, inputs: torch.Tensor, backbone: str | None = None, clamp: bool = True
 ) -> torch.Tensor:
     """Forecast of a saved model; `clamp` limits the (linear) output to the data's [0, 1] range."""
+    from .baselines import load_reference_model
     from .peft_integration import load_unistd_peft_model
 
-    model = load_unistd_peft_model(adapter, backbone=resolve_backbone(Path(adapter), backbone)).eval()
+    if (Path(adapter) / "config.json").is_file():  # a --method simvp/tau run saves a whole model (output_dir/model)
+        model = load_reference_model(adapter).eval()
+    else:
+        model = load_unistd_peft_model(adapter, backbone=resolve_backbone(Path(adapter), backbone)).eval()
     predictions = model(pixel_values=inputs, task=task).predictions
     return predictions.clamp(0.0, 1.0) if clamp else predictions
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="folder written by the training run (output_dir/adapter)")
+    parser.add_argument("--adapter", required=True,
+                        help="folder written by the training run (output_dir/adapter, or output_dir/model for simvp/tau)")
     parser.add_argument("--task", required=True, help="a task the model was trained on")
     parser.add_argument("--input", required=True, help=".npy array (T, C, H, W) or (B, T, C, H, W)")
     parser.add_argument("--output", default=None, help="where to write predictions (.npy)")

@@ -18,6 +18,7 @@ import torch
 from rankmoe_peft import RankMoEConfig, RankSearch
 from rankmoe_peft.config import ROUTERS
 
+from ..baselines import METHODS
 from ..configuration_unistd import GATE_MODES
 from ..data import list_tasks
 from ..pretrain import PACKAGED_BACKBONE
@@ -75,6 +76,17 @@ class TrainingArguments:
         default=True,
         metadata={"help": "Predict the change from the last observed frame (off in the paper; see UniSTDConfig)."},
     )
+    method: str = field(
+        default="unistd",
+        metadata={"help": f"'unistd' (one shared model), or a reference method trained as one model per task in the same "
+                  f"loop: {METHODS} (unistd_hf/baselines.py; sizes: --hidden_channels, --translator_channels, "
+                  "--translator_depth; the backbone and adapter flags do not apply)."},
+    )
+    translator_channels: int = field(default=64, metadata={"help": "hid_T of --method simvp/tau (OpenSTL's paper size: 512)."})
+    translator_depth: int = field(default=4, metadata={"help": "N_T of --method simvp/tau (OpenSTL's paper size: 8)."})
+    decoder_skip: bool = field(default=True, metadata={"help": "SimVP's first-stage skip into each decoder (UniSTDConfig.decoder_skip)."})
+    loss_l1_weight: float = field(default=0.0, metadata={"help": "Weight of an L1 term added to the MSE loss."})
+    loss_gdl_weight: float = field(default=0.0, metadata={"help": "Weight of a gradient difference term added to the loss."})
     adapter: str = field(
         default="rankmoe",
         metadata={
@@ -136,16 +148,18 @@ def validate_arguments(args: TrainingArguments) -> None:
         raise ValueError(f"unknown task(s) {unknown}; registered tasks: {known}")
     if len(set(args.tasks)) != len(args.tasks):
         raise ValueError(f"--tasks names a task twice: {args.tasks}")
-    choices = {"schedule": SCHEDULES, "adapter": ADAPTERS, "mixed_precision": MIXED_PRECISION,
+    choices = {"method": ("unistd",) + METHODS, "schedule": SCHEDULES, "adapter": ADAPTERS, "mixed_precision": MIXED_PRECISION,
                "report_to": REPORT_TO, "router": ROUTERS, "temporal_gate": GATE_MODES}
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"--{name} must be one of {allowed}, got {getattr(args, name)!r}")
     at_least = {1: ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_train", "num_test",
                     "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank",
-                    "keep_checkpoints", "log_every", "num_experts", "out_proj_experts"),
+                    "keep_checkpoints", "log_every", "num_experts", "out_proj_experts", "translator_channels",
+                    "translator_depth"),
                 0: ("num_validation", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
-                    "weight_decay", "budget_weight", "rank_grad_scale", "fail_at_step")}
+                    "weight_decay", "budget_weight", "rank_grad_scale", "fail_at_step", "loss_l1_weight",
+                    "loss_gdl_weight")}
     for low, names in at_least.items():
         for name in names:
             if getattr(args, name) < low:
@@ -168,6 +182,9 @@ def validate_arguments(args: TrainingArguments) -> None:
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU (none is used here); use 'no' or 'bf16'")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/unistd-rankmoe)")
+    if args.method != "unistd" and (args.adapter != "rankmoe" or args.finetune_backbone):
+        raise ValueError(f"--method {args.method} trains its own model per task: --adapter and --finetune_backbone "
+                         "apply to --method unistd only")
     if args.finetune_backbone and args.adapter != "none":
         raise ValueError("--finetune_backbone trains the whole backbone; use it with --adapter none")
     if args.resume_from_checkpoint not in (None, "latest", "auto") and not Path(args.resume_from_checkpoint).is_dir():

@@ -27,6 +27,7 @@ from .arguments import TrainingArguments, validate_arguments
 from ..atomic import write_atomically
 from .checkpointing import load_checkpoint, save_checkpoint
 from .evaluation import evaluate_task
+from ..peft_integration import save_unistd_peft_model
 from .models import build_model, parameter_fingerprint, resolve_run_backbone, weight_parameters
 from .run_folder import prepare_run_folder, run_identity
 from .schedule import batch_counts, epoch_batches, load_tasks
@@ -94,7 +95,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     check_every_task_trains(tasks, counts, args.batch_size, accelerator.num_processes)
     per_epoch = sum(counts.values())  # every schedule has this length
     total_steps = per_epoch * args.epochs if not args.max_steps else min(args.max_steps, per_epoch * args.epochs)
-    backbone, backbone_sha256 = resolve_run_backbone(args)
+    backbone, backbone_sha256 = resolve_run_backbone(args) if args.method == "unistd" else (None, None)
     identity = run_identity(args, backbone_sha256)
     resume = prepare_run_folder(args, identity, accelerator)  # nothing is written to output_dir before this
 
@@ -196,10 +197,11 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                                     accelerator.num_processes)
     report["parameter_fingerprints"] = gather_object([parameter_fingerprint(base_model)])  # equal if DDP kept step
     if accelerator.is_main_process:
-        write_atomically(output / "adapter", base_model.save_pretrained)
+        saved = output / ("adapter" if args.method == "unistd" else "model")  # a reference method saves a whole model
+        write_atomically(saved, lambda folder: save_unistd_peft_model(base_model, folder))  # + backbone/ if needed
         reporting.write_outputs(output, report, base_model, tasks, state)
         if args.push_to_hub:
-            reporting.push_adapter(output / "adapter", args.hub_model_id, report)
+            reporting.push_adapter(saved, args.hub_model_id, report)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return report

@@ -11,10 +11,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from ..baselines import build_reference_model
 from ..configuration_unistd import TaskSpec, UniSTDConfig
 from ..modeling_unistd import UniSTDModel
 from ..peft_integration import default_rankmoe_config, expert_pattern, get_unistd_peft_model
-from ..pretrain import resolve_backbone, sha256_of
+from ..pretrain import PACKAGED_BACKBONE, resolve_backbone, sha256_of
 from .arguments import RANDOM_BACKBONE, TrainingArguments
 from ..atomic import write_atomically
 
@@ -45,21 +46,29 @@ def resolve_run_backbone(args: TrainingArguments) -> tuple[str | CLIPVisionModel
 
 
 def build_model(
-    args: TrainingArguments, specs: list[TaskSpec], backbone: str | CLIPVisionModel, accelerator: Accelerator
-) -> tuple[torch.nn.Module, UniSTDConfig]:
-    """The UniSTD model, adapted as `args.adapter` says. A random backbone is saved to output_dir/backbone first
-    and loaded from there, so the saved adapter plus that folder are all a reload needs."""
+    args: TrainingArguments, specs: list[TaskSpec], backbone: str | CLIPVisionModel | None, accelerator: Accelerator
+) -> tuple[torch.nn.Module, Any]:
+    """The UniSTD model, adapted as `args.adapter` says (or the reference model of `args.method`, one per task). A
+    random backbone is saved to output_dir/backbone first and loaded from there, so the saved adapter plus that
+    folder are all a reload needs."""
+    losses = dict(loss_l1_weight=args.loss_l1_weight, loss_gdl_weight=args.loss_gdl_weight)
+    if args.method != "unistd":
+        model = build_reference_model(args.method, specs, hid_S=args.hidden_channels, hid_T=args.translator_channels,
+                                      N_T=args.translator_depth, residual_to_last_frame=args.residual_to_last_frame, **losses)
+        return model, model.config
     if isinstance(backbone, CLIPVisionModel):
         folder = (Path(args.output_dir) / "backbone").resolve()
         if accelerator.is_main_process and not (folder / "config.json").exists():
             write_atomically(folder, backbone.save_pretrained)
         accelerator.wait_for_everyone()
         backbone = str(folder)
+    elif args.backbone == PACKAGED_BACKBONE:
+        backbone = PACKAGED_BACKBONE  # recorded by name (resolved at build time), so saved adapters load anywhere
     config = UniSTDConfig(
         backbone=backbone, tasks=specs, hidden_channels=args.hidden_channels,
         temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter,
-        residual_to_last_frame=args.residual_to_last_frame,
-        freeze_backbone=not args.finetune_backbone,
+        residual_to_last_frame=args.residual_to_last_frame, decoder_skip=args.decoder_skip,
+        freeze_backbone=not args.finetune_backbone, **losses,
     )
     set_seed(args.seed)
     if args.adapter == "none":
