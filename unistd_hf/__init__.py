@@ -18,6 +18,7 @@ _EXPORTS = {
     "get_unistd_peft_model": "peft_integration",
     "default_rankmoe_config": "peft_integration",
     "load_unistd_peft_model": "peft_integration",
+    "save_unistd_peft_model": "peft_integration",
     "save_backbone": "peft_integration",
     "parameter_report": "report",
     "format_parameter_report": "report",

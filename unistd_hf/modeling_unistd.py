@@ -101,7 +101,13 @@ def _building_on_meta_device() -> bool:
 
 
 def _build_backbone(config: UniSTDConfig) -> CLIPVisionModel:
-    """Random init from a config dict, or `from_pretrained` for a hub id / path (recorded in the config)."""
+    """Random init from a config dict, or `from_pretrained` for a hub id / path / the packaged backbone's name.
+
+    The config keeps the name as given (e.g. "unistd-hf/clip-mae-tiny"); it is resolved to a folder only here, at build
+    time (`pretrain.resolve_backbone`), so that a saved config names its backbone the same way on every machine.
+    """
+    from .pretrain import resolve_backbone
+
     if not config.backbone_is_pretrained:
         return CLIPVisionModel._from_config(CLIPVisionConfig.from_dict(config.backbone))
     if _building_on_meta_device():
@@ -109,9 +115,9 @@ def _build_backbone(config: UniSTDConfig) -> CLIPVisionModel:
         if config.pretrained_backbone_config is not None:
             backbone_config = CLIPVisionConfig.from_dict(config.pretrained_backbone_config)
         else:
-            backbone_config = CLIPVisionConfig.from_pretrained(config.backbone)
+            backbone_config = CLIPVisionConfig.from_pretrained(resolve_backbone(config.backbone))
         return CLIPVisionModel._from_config(backbone_config)
-    backbone = load_clip_backbone(config.backbone, expected=config.pretrained_backbone_config)
+    backbone = load_clip_backbone(resolve_backbone(config.backbone), expected=config.pretrained_backbone_config)
     config.pretrained_backbone_config = json.loads(backbone.config.to_json_string(use_diff=False))
     return backbone
 

@@ -7,6 +7,7 @@ the training loop, the report and the benchmarks import them.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +28,15 @@ __all__ = [
     "default_rankmoe_config",
     "get_unistd_peft_model",
     "load_unistd_peft_model",
+    "save_unistd_peft_model",
+    "portable_backbone",
     "save_backbone",
+    "SAVED_BACKBONE",
 ]
+
+# How an adapter records a backbone saved beside it (`<adapter folder>/backbone`): relative, so the folder (or the hub
+# repo it is pushed to) loads on any machine. `load_unistd_peft_model` resolves it against the adapter's folder.
+SAVED_BACKBONE = "./backbone"
 
 # The backbone's attention projections (CLIP's names) and the temporal adapter's RankMoE base layer.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -92,56 +100,129 @@ def get_unistd_peft_model(
     return peft.get_peft_model(model, rankmoe_config, adapter_name=adapter_name)
 
 
+def portable_backbone(config: UniSTDConfig) -> str | None:
+    """The name an adapter should record for `config.backbone`, or None when the backbone must be saved beside it.
+
+    The packaged backbone (by name or by its installed folder) -> `PACKAGED_BACKBONE`; a hub id -> itself; a
+    random-init config dict or a local folder -> None (an absolute path means nothing on another machine).
+    """
+    from .pretrain import PACKAGED_BACKBONE, PACKAGED_BACKBONE_DIR
+
+    backbone = config.backbone
+    if not isinstance(backbone, str):
+        return None
+    if backbone == PACKAGED_BACKBONE:
+        return backbone
+    path = Path(backbone).expanduser()
+    if path.exists():
+        return PACKAGED_BACKBONE if path.resolve() == PACKAGED_BACKBONE_DIR.resolve() else None
+    if backbone == SAVED_BACKBONE or backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:
+        return None  # a folder that is gone: the weights the model holds are saved instead
+    return backbone  # a hub id
+
+
+def save_unistd_peft_model(model: nn.Module, save_directory: str | Path) -> Path:
+    """`save_pretrained` plus what another machine needs to rebuild the model: a portable backbone record.
+
+    The adapter config's `base_model_config.backbone` becomes the packaged backbone's name or a hub id as they are;
+    a random or local-folder backbone is saved beside the adapter as `<save_directory>/backbone` (safetensors, via
+    `save_backbone`) and recorded as `SAVED_BACKBONE` ("./backbone"), never as an absolute path. A model that is not
+    a peft model (the whole-model runs) is saved with its own `save_pretrained`. Returns the folder.
+    """
+    folder = Path(save_directory)
+    peft_configs = getattr(model, "peft_config", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not peft_configs or not isinstance(getattr(base, "config", None), UniSTDConfig):
+        model.save_pretrained(str(folder))
+        return folder
+    unistd_config = base.config
+    record = portable_backbone(unistd_config)
+    recorded = json.loads(json.dumps(unistd_config.to_dict()))  # a copy, as base_model_config holds it
+    if record is None:
+        save_backbone(model, folder / "backbone")
+        record = SAVED_BACKBONE
+        recorded["pretrained_backbone_config"] = json.loads(base.backbone.config.to_json_string(use_diff=False))
+    recorded["backbone"] = record
+    recorded.pop("_name_or_path", None)  # paths of this machine mean nothing elsewhere
+    if isinstance(recorded.get("pretrained_backbone_config"), dict):
+        recorded["pretrained_backbone_config"]["_name_or_path"] = record
+    kept = {name: cfg.base_model_config for name, cfg in peft_configs.items()}
+    try:  # every adapter's config records the same portable base model
+        for cfg in peft_configs.values():
+            cfg.base_model_config = recorded
+        model.save_pretrained(str(folder))
+    finally:
+        for name, cfg in peft_configs.items():
+            cfg.base_model_config = kept[name]
+    return folder
+
+
 def load_unistd_peft_model(
-    adapter_dir: str | Path,
+    repo_or_dir: str | Path,
     backbone: str | Path | None = None,
     is_trainable: bool = False,
     adapter_name: str = "default",
+    revision: str | None = None,
 ) -> "PeftModel":
-    """Rebuild a model saved by `get_unistd_peft_model(...).save_pretrained(adapter_dir)`.
+    """Rebuild a UniSTD peft model from its adapter alone: a local folder or a hub repo id.
 
-    The UniSTD config is read from the adapter config's `base_model_config`. The backbone weights are not in the
-    adapter: they come from the config's backbone hub id / path, or from `backbone` (a directory written by
-    `save_backbone(model, directory)`, or a hub id / CLIP checkpoint directory), which is required when the model was
-    built on a randomly initialised backbone config.
+    A hub repo is downloaded whole with `huggingface_hub.snapshot_download` (adapter, model card and a `backbone/`
+    folder pushed beside it). The UniSTD config is read from the adapter config's `base_model_config`; its backbone
+    resolves as recorded: the packaged backbone by name, a hub id, or `SAVED_BACKBONE`, the folder saved beside the
+    adapter by `save_unistd_peft_model`. An adapter saved with plain `save_pretrained` on a random backbone also finds a
+    `<folder>/backbone` written there by `save_backbone`. `backbone` (a folder or hub id) overrides all of this.
     """
     import peft
 
     import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
 
-    _check_adapter_folder(adapter_dir)
-    peft_config = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    folder = _adapter_folder(repo_or_dir, revision)
+    peft_config = peft.PeftConfig.from_pretrained(str(folder))
     base_model_config = getattr(peft_config, "base_model_config", None)
     if not base_model_config:
         raise ValueError(
-            f"the adapter config in {str(adapter_dir)!r} has no base_model_config; expected an adapter saved from "
+            f"the adapter config in {str(repo_or_dir)!r} has no base_model_config; expected an adapter saved from "
             "get_unistd_peft_model (or a RankMoEConfig with base_model_config=UniSTDConfig.to_dict())"
         )
     config = UniSTDConfig.from_dict(base_model_config)
+    beside = folder / "backbone"
+    if backbone is None and (config.backbone == SAVED_BACKBONE or not config.backbone_is_pretrained):
+        if (beside / "config.json").is_file():
+            backbone = beside
+        elif config.backbone == SAVED_BACKBONE:
+            raise ValueError(f"the adapter in {str(repo_or_dir)!r} records its backbone as saved beside it, but "
+                             f"{str(beside)!r} holds no config.json; pass backbone=<CLIP folder or hub id>")
+        else:
+            raise ValueError(
+                f"the model in {str(repo_or_dir)!r} was built on a randomly initialised backbone whose weights are not "
+                "in the adapter; pass backbone=<directory written by unistd_hf.save_backbone(model, directory)>, or "
+                "save with unistd_hf.save_unistd_peft_model, which stores them beside the adapter"
+            )
     if backbone is not None:
         if not config.backbone_is_pretrained and config.pretrained_backbone_config is None:
             config.pretrained_backbone_config = config.backbone  # the random-init architecture the adapter expects
         config.backbone = str(backbone)
-    elif not config.backbone_is_pretrained:
-        raise ValueError(
-            f"the model in {str(adapter_dir)!r} was built on a randomly initialised backbone whose weights are not in "
-            "the adapter; pass backbone=<directory written by "
-            "unistd_hf.save_backbone(model, directory)>"
-        )
+    elif Path(config.backbone).is_absolute() and not Path(config.backbone).exists():
+        raise ValueError(f"the adapter in {str(repo_or_dir)!r} names its backbone by the path {config.backbone!r}, "
+                         "which does not exist on this machine; pass backbone=<CLIP folder or hub id>")
     model = UniSTDModel(config)
-    return peft.PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def _check_adapter_folder(adapter_dir: str | Path) -> None:
-    """A local adapter folder must hold both adapter files; a name that is not a local path is a hub id."""
-    folder = Path(adapter_dir)
-    looks_local = folder.exists() or str(adapter_dir).startswith((".", "/", "~")) or str(adapter_dir).count("/") > 1
+def _adapter_folder(repo_or_dir: str | Path, revision: str | None = None) -> Path:
+    """The local folder of an adapter: checked if it looks local, else a hub repo id downloaded whole."""
+    folder = Path(repo_or_dir).expanduser()
+    text = str(repo_or_dir)
+    looks_local = folder.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
     if not looks_local:
-        return
+        import huggingface_hub  # looked up at call time, so tests can intercept snapshot_download
+
+        folder = Path(huggingface_hub.snapshot_download(repo_id=text, revision=revision))
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"adapter folder {str(folder)!r} lacks {missing}; expected a folder written by "
                          "save_pretrained of a UniSTD peft model (e.g. a training run's output_dir/adapter)")
+    return folder
 
 
 def save_backbone(model: nn.Module, save_directory: str | Path) -> CLIPVisionModel:

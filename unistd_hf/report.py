@@ -250,23 +250,58 @@ def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, stat
         plot_rank_history(state["rank_history"], output / "ranks.png")
 
 
-def model_card(report: dict[str, Any], repo_id: str) -> str:
+def model_card(report: dict[str, Any], repo_id: str, backbone: str | None = None, whole_model: bool = False) -> str:
+    """The README.md pushed with an adapter: what it was trained on, the two lines that load it, the metrics.
+
+    `backbone` is what the adapter config records (a hub id, the packaged backbone's name, or "./backbone" for the
+    folder pushed beside the adapter); a hub id also becomes the card's `base_model`.
+    """
+    from .peft_integration import SAVED_BACKBONE
+
     tasks = ", ".join(report["tasks"])
+    if whole_model:  # a --method simvp|tau run: one reference model per task, saved whole
+        return (
+            f"---\nlibrary_name: transformers\ntags:\n- unistd\n- spatio-temporal-forecasting\n---\n\n# {repo_id}\n\n"
+            f"A reference model (SimVP/TAU, one per task) trained on: {tasks}. Load it with:\n\n"
+            "```python\nfrom huggingface_hub import snapshot_download\nfrom unistd_hf.baselines import load_reference_model\n"
+            f"model = load_reference_model(snapshot_download(\"{repo_id}\"))\n```\n\n"
+            f"## Test metrics\n\n{metrics_table(report)}\n"
+        )
+    base_model = f"base_model: {backbone}\n" if backbone and backbone != SAVED_BACKBONE and "/" in backbone else ""
+    if backbone == SAVED_BACKBONE:
+        where = "the CLIP backbone it was trained on is in this repo's `backbone/` folder (safetensors)"
+    elif backbone:
+        where = f"its frozen backbone is `{backbone}`"
+    else:
+        where = "its frozen backbone is named in `adapter_config.json` (`base_model_config.backbone`)"
     return (
-        f"---\nlibrary_name: peft\ntags:\n- rankmoe\n- unistd\n- spatio-temporal-forecasting\n---\n\n"
-        f"# {repo_id}\n\nA UniSTD RankMoE adapter trained jointly on: {tasks}.\n\n"
-        "Load it with `import rankmoe_peft, unistd_hf` and "
-        "`unistd_hf.load_unistd_peft_model(<this repo>, backbone=...)`.\n\n"
+        f"---\nlibrary_name: peft\n{base_model}tags:\n- rankmoe\n- unistd\n- spatio-temporal-forecasting\n---\n\n"
+        f"# {repo_id}\n\nA UniSTD RankMoE adapter trained jointly on: {tasks}; {where}.\n\n"
+        "Load it (the adapter, the task heads and the backbone) with:\n\n"
+        f"```python\nimport unistd_hf\nmodel = unistd_hf.load_unistd_peft_model(\"{repo_id}\")\n```\n\n"
         f"## Test metrics\n\n{metrics_table(report)}\n"
     )
 
 
 def push_adapter(adapter_dir: str | Path, repo_id: str, report: dict[str, Any], token: str | None = None) -> str:
-    """Upload the saved adapter folder with a model card that carries the report table."""
+    """Upload the saved adapter folder (with its `backbone/` folder, when the adapter records one) and a model card
+    that carries the report table and the two lines that load it."""
     from huggingface_hub import HfApi
 
+    from .peft_integration import SAVED_BACKBONE
+
     adapter_dir = Path(adapter_dir)
-    write_text_atomically(adapter_dir / "README.md", model_card(report, repo_id))
+    backbone = None
+    config_file = adapter_dir / "adapter_config.json"
+    if config_file.is_file():
+        backbone = (json.loads(config_file.read_text()).get("base_model_config") or {}).get("backbone")
+        if isinstance(backbone, dict):
+            backbone = None
+        if backbone == SAVED_BACKBONE and not (adapter_dir / "backbone" / "config.json").is_file():
+            raise ValueError(f"{str(config_file)!r} records its backbone as saved beside it, but "
+                             f"{str(adapter_dir / 'backbone')!r} is missing; save with unistd_hf.save_unistd_peft_model")
+    card = model_card(report, repo_id, backbone, whole_model=not config_file.is_file())
+    write_text_atomically(adapter_dir / "README.md", card)
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=str(adapter_dir), commit_message="Upload UniSTD adapter")
