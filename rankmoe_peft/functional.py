@@ -16,9 +16,12 @@ also at an integer rank (then it is the next component, so a rank can grow from 
 
 from __future__ import annotations
 
-import torch
+import math
 
-__all__ = ["FractionalRankMask", "fractional_rank_mask", "hard_rank_mask", "route"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FractionalRankMask", "fractional_rank_mask", "hard_rank_mask", "route", "gate_floor"]
 
 
 class FractionalRankMask(torch.autograd.Function):
@@ -54,11 +57,43 @@ def hard_rank_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (positions[None, :] < rank.detach().round()[:, None]).to(rank.dtype)  # (E, R)
 
 
+def gate_floor(dtype: torch.dtype) -> float:
+    """Smallest non-zero router gate in `dtype`: sqrt(tiny) (1.1e-19 in float32 and bfloat16, 1.5e-154 in float64).
+
+    Why: a peaked router drives softmax gates into denormal floats, and arithmetic on denormals is many times
+    slower on x86 CPUs (for the matmuls they reach, in the forward and the backward pass). A gate kept at
+    >= sqrt(tiny) times any value >= sqrt(tiny) stays a normal float, and a dropped gate changes the output by less
+    than `num_experts * floor` relative to its largest term, far below the dtype's rounding (eps**2 bounds the
+    floor). float16's range is too narrow for that margin (sqrt(tiny) = 7.8e-3 > eps**2): there the floor is its
+    tiny (6.1e-5), so gates are normal but products may still be subnormal (float16 runs on GPUs, where subnormals
+    cost nothing).
+    """
+    info = torch.finfo(dtype)
+    floor = math.sqrt(info.tiny)
+    return floor if floor <= info.eps**2 else info.tiny
+
+
 def route(logits: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
-    """Softmax gates over the last dim (experts); with `top_k`, keep the k largest and renormalise."""
-    gates = logits.softmax(dim=-1)
-    if top_k is None or top_k >= gates.shape[-1]:
-        return gates
-    kept, index = gates.topk(top_k, dim=-1)
-    kept = kept / kept.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(gates).scatter(-1, index, kept)
+    """Softmax gates over the last dim (experts); with `top_k`, keep the k largest and renormalise.
+
+    Denormal-free: an expert whose gate would fall below `gate_floor` is left out of the softmax (its logit
+    masked to -inf), so its gate is exactly 0 and so is its gradient, and the saved softmax output that the
+    backward pass multiplies with holds no denormal either. Its true gradient is smaller than the floor times
+    the upstream gradient, i.e. negligible. The kept gates are renormalised over the kept experts, which
+    changes them by less than `num_experts * floor` relative. With `top_k` the same masked softmax is taken
+    over the k largest logits, which equals renormalising the k largest softmax gates.
+
+    When no backward pass will read the softmax output (no autograd), the sub-floor gates are zeroed after the
+    softmax instead, in place (one kernel instead of four); both forms agree to far below rounding.
+    """
+    num_experts = logits.shape[-1]
+    if top_k is None and not (logits.requires_grad and torch.is_grad_enabled()):
+        return F.threshold_(logits.softmax(dim=-1), gate_floor(logits.dtype), 0.0)
+    detached = logits.detach()  # which experts are kept is a discrete choice: no gradient through it
+    # exp(l - max) / Z >= floor for Z <= num_experts when l - max >= log(floor * num_experts)
+    cutoff = detached.amax(dim=-1, keepdim=True) + math.log(gate_floor(logits.dtype) * num_experts)
+    dropped = detached < cutoff  # (..., E)
+    if top_k is not None and top_k < num_experts:
+        outside = torch.ones_like(dropped).scatter_(-1, detached.topk(top_k, dim=-1).indices, False)
+        dropped |= outside
+    return logits.masked_fill(dropped, -math.inf).softmax(dim=-1)

@@ -1,4 +1,4 @@
-"""RankMoE tuner layer: E LoRA experts with continuous ranks and a router around an `nn.Linear`."""
+"""RankMoE tuner layer: E LoRA experts with continuous ranks and a router around an `nn.Linear` or a GPT-2 `Conv1D`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import RankMoEConfig
 from .functional import fractional_rank_mask, hard_rank_mask, route
 
-__all__ = ["RankMoELayer", "Linear", "ExpertSettings"]
+__all__ = ["RankMoELayer", "Linear", "ExpertSettings", "ADAPTABLE_LAYERS", "layer_features"]
+
+ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a layer RankMoE can adapt.
+
+    transformers' `Conv1D` (GPT-2) stores its weight as (in, out) and computes `x @ W + b`: LoRA's
+    `fan_in_fan_out` case. The layout only matters for merging into the weight, which RankMoE never does, so it is
+    read from the module type and needs no config option."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    raise ValueError(
+        f"RankMoE adapts nn.Linear and transformers' Conv1D layers only, got {type(layer).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -39,7 +58,9 @@ class RankMoELayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("rankmoe_A", "rankmoe_B", "rankmoe_rank", "rankmoe_router")
-    other_param_names = ("scaling", "rankmoe_settings", "rankmoe_dropout", "rank_frozen", "_inference_cache")
+    other_param_names = (
+        "scaling", "rankmoe_settings", "rankmoe_dropout", "rank_frozen", "_inference_cache", "_hard_mask_cache"
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -52,14 +73,13 @@ class RankMoELayer(BaseTunerLayer):
         self.rankmoe_settings: dict[str, ExpertSettings] = {}
         self.rank_frozen: dict[str, bool] = {}
         self._inference_cache: dict[str, tuple] = {}  # not a buffer: never saved
+        self._hard_mask_cache: dict[str, tuple] = {}  # discretized ranks are frozen: their 0/1 mask is reused
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"RankMoE adapts nn.Linear layers only, got {type(base).__name__}")
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = layer_features(base)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # weight stored (in, out), as LoRA's flag says
 
     def update_layer(
         self,
@@ -155,13 +175,19 @@ class RankMoELayer(BaseTunerLayer):
         rank = self.rankmoe_rank[adapter_name]
         columns = self.rankmoe_A[adapter_name].shape[-1]
         if self.rank_frozen[adapter_name]:
-            return hard_rank_mask(rank, columns)
+            key = (rank._version, rank.data_ptr(), columns)
+            cached = self._hard_mask_cache.get(adapter_name)
+            if cached is None or cached[0] != key:
+                cached = (key, hard_rank_mask(rank, columns))
+                self._hard_mask_cache[adapter_name] = cached
+            return cached[1]
         return fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
 
     def expert_gates(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
         """Router weights (..., E) from per-token router logits (..., E). The sequence router averages the logits
         over each sequence's tokens, which equals routing its mean token (the router is linear); a 2-D input is
-        one token per sample and is never averaged across the batch."""
+        one token per sample and is never averaged across the batch. Gates never hold denormal floats (see
+        `rankmoe_peft.functional.route`)."""
         settings = self.rankmoe_settings[adapter_name]
         if settings.router == "sequence" and logits.dim() >= 3:
             pooled = logits.flatten(1, -2).mean(dim=1)  # (B, E): one routing decision per sequence
@@ -171,35 +197,48 @@ class RankMoELayer(BaseTunerLayer):
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
 
-        The E experts run as one (in, E*R) matmul and one (E*R, out) matmul; gate, mask and scaling are folded
-        into one (..., E*R) scale in between. Without autograd, only the columns a rank keeps are computed.
+        Training path: one matmul of x with [the E*R columns of A | the router's E rows] gives the experts' hidden
+        values and the router logits (the input is read once; with active dropout the router sees the clean input,
+        so two matmuls); mask and scaling are folded into B (E*R*out numbers) instead of a (..., E*R) scale, so the
+        only (..., E*R) tensors are the matmul's output and its gated copy. Without autograd, only the columns a
+        rank keeps are computed, from a cache (`_inference_delta`).
         """
         A = self.rankmoe_A[adapter_name]  # (E, in, R)
-        B = self.rankmoe_B[adapter_name]  # (E, R, out)
         x = self._cast_input_dtype(x, A.dtype)
         dropout = self.rankmoe_dropout[adapter_name]
-        if not torch.is_grad_enabled() and not (self.training and isinstance(dropout, nn.Dropout)):
+        drops = self.training and isinstance(dropout, nn.Dropout)
+        if not torch.is_grad_enabled() and not drops:
             return self._inference_delta(adapter_name, x)
-        gates = self.expert_gates(adapter_name, self.rankmoe_router[adapter_name](x))  # (..., E)
+        B = self.rankmoe_B[adapter_name]  # (E, R, out)
+        router = self.rankmoe_router[adapter_name]
         num_experts, _, columns = A.shape
-        column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R) float32
-        scale = (gates.unsqueeze(-1) * column_scale.to(gates.dtype)).flatten(-2)  # (..., E*R)
-        hidden = dropout(x) @ A.transpose(0, 1).reshape(self.in_features, -1)  # (..., E*R)
-        return (hidden * scale) @ B.reshape(num_experts * columns, self.out_features)  # (..., out)
+        A_columns = A.transpose(1, 2).reshape(num_experts * columns, -1)  # (E*R, in), expert-major columns
+        if drops:  # the router sees the clean input, the experts the dropped one: two matmuls
+            hidden = F.linear(dropout(x), A_columns)  # (..., E*R)
+            logits = F.linear(x, router.weight, router.bias)  # (..., E)
+        else:
+            fused = torch.cat([A_columns, router.weight], dim=0)  # (E*R+E, in)
+            hidden, logits = F.linear(x, fused).split([num_experts * columns, num_experts], dim=-1)
+            logits = logits + router.bias  # (..., E)
+        gates = self.expert_gates(adapter_name, logits)  # (..., E) or (B, 1.., E)
+        gated = (hidden.unflatten(-1, (num_experts, columns)) * gates.unsqueeze(-1)).flatten(-2)  # (..., E*R)
+        column_scale = self.rank_mask(adapter_name).to(B.dtype) * self.scaling[adapter_name]  # (E, R)
+        return torch.matmul(gated, (B * column_scale.unsqueeze(-1)).view(-1, self.out_features))  # (..., out)
 
     def _inference_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The same delta from the cached active columns: one matmul gives the K kept columns of all experts and
-        the E router logits."""
-        fused, router_bias, expert_of_column, B_active = self._active_columns(adapter_name)
-        num_experts = self.rankmoe_settings[adapter_name].num_experts
-        hidden, logits = (x @ fused).split([expert_of_column.numel(), num_experts], dim=-1)  # (..., K), (..., E)
-        gates = self.expert_gates(adapter_name, logits + router_bias)  # (..., E)
-        return (hidden * gates.index_select(-1, expert_of_column)) @ B_active  # (..., out)
+        """The same delta from the cached active columns: one matmul (with the router bias) gives the K kept
+        columns of all experts and the E router logits."""
+        fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
+        kept = expert_of_column.numel()
+        hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
+        gates = self.expert_gates(adapter_name, logits)  # (..., E)
+        return torch.matmul(hidden * gates.index_select(-1, expert_of_column), B_active)  # (..., out)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """[A restricted to the columns with a non-zero mask | router weight] (in, K+E), the router bias, the expert
-        of each kept column (K,) and B's kept rows with mask and scaling folded in (K, out); cached until a factor,
-        the router or a rank changes (tracked by their in-place version counters)."""
+        """[A restricted to the columns with a non-zero mask | router weight] as a (K+E, in) weight, its bias
+        [0 | router bias] (K+E,), the expert of each kept column (K,) and B's kept rows with mask and scaling
+        folded in (K, out); cached until a factor, the router or a rank changes (tracked by their in-place version
+        counters)."""
         A, B, rank = self.rankmoe_A[adapter_name], self.rankmoe_B[adapter_name], self.rankmoe_rank[adapter_name]
         router = self.rankmoe_router[adapter_name]
         tensors = (A, B, rank, router.weight, router.bias)
@@ -207,24 +246,27 @@ class RankMoELayer(BaseTunerLayer):
         cached = self._inference_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        num_experts, _, columns = A.shape
-        mask = (self.rank_mask(adapter_name) * self.scaling[adapter_name]).flatten()  # (E*R,)
-        active = mask.nonzero().squeeze(1)  # (K,)
-        A_active = A.transpose(0, 1).reshape(self.in_features, -1).index_select(1, active)  # (in, K)
-        fused = torch.cat([A_active, router.weight.t().to(A.dtype)], dim=1)  # (in, K+E)
-        B_active = B.reshape(num_experts * columns, -1).index_select(0, active) * mask[active, None].to(B.dtype)
-        expert_of_column = torch.div(active, columns, rounding_mode="floor")  # (K,)
-        entry = (fused, router.bias.to(A.dtype), expert_of_column, B_active)
+        with torch.no_grad():
+            num_experts, _, columns = A.shape
+            mask = (self.rank_mask(adapter_name) * self.scaling[adapter_name]).flatten()  # (E*R,)
+            active = mask.nonzero().squeeze(1)  # (K,)
+            A_active = A.transpose(1, 2).reshape(num_experts * columns, -1).index_select(0, active)  # (K, in)
+            fused = torch.cat([A_active, router.weight.to(A.dtype)], dim=0)  # (K+E, in)
+            bias = torch.cat([A.new_zeros(active.numel()), router.bias.to(A.dtype)])  # (K+E,)
+            B_active = B.reshape(num_experts * columns, -1).index_select(0, active) * mask[active, None].to(B.dtype)
+            expert_of_column = torch.div(active, columns, rounding_mode="floor")  # (K,)
+        entry = (fused, bias, expert_of_column, B_active)
         self._inference_cache[adapter_name] = (key, entry)
         return entry
 
 
 class Linear(nn.Module, RankMoELayer):
-    """An `nn.Linear` with RankMoE adapters: `y = base(x) + sum over active adapters of adapter_delta(x)`."""
+    """An `nn.Linear` (or GPT-2 `Conv1D`) with RankMoE adapters: `y = base(x) + sum over active adapters of
+    adapter_delta(x)`."""
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         adapter_name: str,
         config: RankMoEConfig,
         num_experts: int,

@@ -1,0 +1,202 @@
+"""RankMoE's fast paths: denormal-free gates (issue 16), the fused router matmul, the benchmark's statistics.
+
+Denormal floats are checked on every tensor that enters or leaves an aten op while a layer runs its forward and
+backward passes (a dispatch mode sees the backward kernels too), so "no denormal reaches the matmuls" is tested
+directly rather than through a timing (a timing on a shared machine would be too noisy to assert).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rankmoe_peft import RankMoEConfig, route
+from rankmoe_peft.functional import gate_floor
+from helpers import MLP, reference_expert, reference_gates, reference_layer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def denormals(t: torch.Tensor) -> int:
+    """Number of subnormal entries of a floating tensor."""
+    if not t.is_floating_point():
+        return 0
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+class DenormalWatch(TorchDispatchMode):
+    """Records every aten op that receives or returns a tensor with subnormal entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket.__name__)
+        if name in ("mm", "addmm", "bmm", "baddbmm"):
+            self.matmuls += 1
+        outputs = [] if "empty" in name else out if isinstance(out, (tuple, list)) else [out]  # empty*: uninitialised
+        flat = [*args, *(kwargs or {}).values(), *outputs]
+        for t in flat:
+            if isinstance(t, torch.Tensor) and denormals(t):
+                self.hits.append(f"{name}: {denormals(t)} subnormal values in a {tuple(t.shape)} tensor")
+        return out
+
+
+def peaked_layer(router: str = "token", top_k=None, discretize: bool = False, std: float = 10.0):
+    """One RankMoE layer on an MLP whose router weights have std `std`: softmax gates underflow to denormals."""
+    torch.manual_seed(0)
+    config = RankMoEConfig(
+        target_modules=["lin1"], num_experts=6, max_rank=4, init_rank=2.5, init_weights=False, router=router,
+        top_k=top_k,
+    )
+    model = get_peft_model(MLP(), config)
+    layer = model.base_model.model.lin1
+    with torch.no_grad():
+        layer.rankmoe_router["default"].weight.normal_(0.0, std)
+        layer.rankmoe_rank["default"].copy_(torch.tensor([0.0, 1.3, 2.5, 4.0, 3.7, 0.6]))
+    if discretize:
+        model.discretize_ranks()
+    return layer
+
+
+def test_gate_floor_keeps_products_normal_and_drops_only_negligible_gates():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        info = torch.finfo(dtype)
+        floor = gate_floor(dtype)
+        assert floor * floor >= info.tiny * (1 - 1e-6)  # a kept gate times any value >= floor is normal
+        assert floor * 64 < info.eps**2  # 64 dropped experts change the output far below rounding
+    assert gate_floor(torch.float32) == pytest.approx(math.sqrt(torch.finfo(torch.float32).tiny))
+    assert gate_floor(torch.float16) == torch.finfo(torch.float16).tiny  # too narrow a range for a margin
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("grad", [True, False])
+def test_route_has_no_denormals_and_matches_softmax(top_k, grad):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 6, dtype=torch.float64) * 40  # gaps of ~100: exp() underflows into subnormals
+    plain = logits.float().softmax(-1)
+    assert denormals(plain) > 0  # the situation the guard is for really occurs
+    x = logits.float().clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        gates = route(x, top_k)
+    identity, zero = torch.eye(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)  # router = identity
+    expected = reference_gates(logits, identity, zero, "token", top_k)
+    assert denormals(gates) == 0
+    torch.testing.assert_close(gates.double(), expected, rtol=1e-5, atol=6 * gate_floor(torch.float32))
+    kept = gates[gates != 0]
+    assert kept.min() >= gate_floor(torch.float32)
+    if grad:
+        upstream = torch.randn(64, 6)
+        (gates * upstream).sum().backward()
+        assert denormals(x.grad) == 0
+        ref_logits = logits.clone().requires_grad_(True)
+        ref = reference_gates(ref_logits, identity, zero, "token", top_k)
+        (ref * upstream.double()).sum().backward()
+        torch.testing.assert_close(x.grad.double(), ref_logits.grad, rtol=1e-5, atol=1e-6)  # float32 rounding
+
+
+@pytest.mark.parametrize("discretize", [False, True], ids=["searching", "discretized"])
+@pytest.mark.parametrize("router, top_k", [("token", None), ("token", 2), ("sequence", None)])
+def test_peaked_router_sends_no_denormal_through_any_op(router, top_k, discretize):
+    layer = peaked_layer(router, top_k, discretize)
+    x = torch.randn(4, 9, 12, requires_grad=True)
+    weight, bias = layer.rankmoe_router["default"].weight, layer.rankmoe_router["default"].bias
+    token_logits = (x @ weight.T + bias).detach()
+    assert denormals(token_logits.softmax(-1)) > 0  # plain softmax gates of this router do underflow
+
+    watch = DenormalWatch()
+    with watch:  # training path, forward and backward
+        out = layer(x)
+        out.backward(torch.randn_like(out))
+    assert watch.hits == []
+    torch.testing.assert_close(out.detach(), reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
+
+    watch = DenormalWatch()
+    with torch.no_grad(), watch:  # cached inference path
+        fast = layer(x)
+    # without autograd the softmax's subnormal outputs are zeroed in place by the very next kernel (`route`), and
+    # nothing after it, the matmuls included, sees one
+    assert all(hit.startswith("_softmax:") for hit in watch.hits)
+    torch.testing.assert_close(fast, reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
+
+
+def test_peaked_router_gradients_match_reference():
+    """The zeroed gates drop gradient terms smaller than the floor: the gradients equal a plain-softmax reference."""
+    layer = peaked_layer()
+    A, B = layer.rankmoe_A["default"], layer.rankmoe_B["default"]
+    router, scaling = layer.rankmoe_router["default"], layer.scaling["default"]
+    ranks = layer.rankmoe_rank["default"].tolist()
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    upstream = torch.randn(3, 7, 12)
+    (layer(x) * upstream).sum().backward()
+    got = [t.grad.clone() for t in (x, A, B, router.weight, router.bias)]
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, A, B, router.weight, router.bias)]
+    rx, rA, rB, rW, rb = leaves
+    gates = reference_gates(rx, rW, rb, "token", None)
+    out = layer.base_layer.double()(rx)
+    layer.base_layer.float()
+    for e, rank in enumerate(ranks):
+        out = out + scaling * gates[..., e : e + 1] * reference_expert(rx, rA[e], rB[e], rank)
+    (out * upstream.double()).sum().backward()
+    for mine, ref in zip(got, leaves):
+        torch.testing.assert_close(mine.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_training_path_runs_router_and_experts_in_one_matmul():
+    layer = peaked_layer(std=0.5)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    watch = DenormalWatch()
+    with watch:
+        layer(x)
+    assert watch.matmuls == 3  # base layer, [A columns | router] together, B
+    watch = DenormalWatch()
+    with torch.no_grad(), watch:
+        layer(x)
+    assert watch.matmuls == 3  # base layer, [kept A columns | router] together, kept B rows
+
+
+class DoublingDropout(nn.Dropout):
+    """A deterministic stand-in for dropout (x -> 2x), to see which branch receives the dropped input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+def test_dropout_reaches_the_experts_but_not_the_router():
+    torch.manual_seed(0)
+    config = RankMoEConfig(
+        target_modules=["lin1"], num_experts=4, max_rank=4, init_rank=2.5, lora_dropout=0.1, init_weights=False
+    )
+    model = get_peft_model(MLP(), config)
+    layer = model.base_model.model.lin1
+    layer.rankmoe_dropout["default"] = DoublingDropout(0.1)
+    x = torch.randn(3, 5, 12)
+    model.train()
+    delta = layer(x) - layer.base_layer(x)
+    clean = reference_layer(layer, x) - layer.base_layer(x)  # gates and experts from the clean input
+    torch.testing.assert_close(delta, 2 * clean, rtol=1e-5, atol=1e-6)  # experts are linear in their input
+    model.eval()  # no dropout outside training, also with autograd on
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), clean, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_layer_has_no_denormals_and_keeps_its_dtype():
+    layer = peaked_layer().to(torch.bfloat16)
+    x = torch.randn(2, 6, 12, dtype=torch.bfloat16, requires_grad=True)
+    watch = DenormalWatch()
+    with watch:
+        out = layer(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and watch.hits == []
+    reference = reference_layer(layer.float(), x.detach().float())
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
