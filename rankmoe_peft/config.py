@@ -52,7 +52,9 @@ class RankMoEConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Module names (exact or `.`-suffix) or one regex of the nn.Linear layers to adapt, "
-            "e.g. ['q_proj', 'k_proj', 'v_proj', 'out_proj']. None uses the default for known model types (CLIP, ViT)."
+            "e.g. ['q_proj', 'k_proj', 'v_proj', 'out_proj']; nn.Linear and transformers' Conv1D (GPT-2) layers. "
+            "None uses the attention projections of known model types (CLIP, SigLIP, ViT, DINOv2, GPT-2; "
+            "`rankmoe_peft.model.DEFAULT_TARGET_MODULES`)."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(

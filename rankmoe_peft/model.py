@@ -9,16 +9,25 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import RankMoEConfig
-from .layer import Linear, RankMoELayer
+from .layer import ADAPTABLE_LAYERS, Linear, RankMoELayer
 
 __all__ = ["RankMoEModel", "DEFAULT_TARGET_MODULES"]
 
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# SigLIP's vision head holds an nn.MultiheadAttention whose `out_proj` it reads as a bare weight: only the encoder
+_SIGLIP_ATTENTION = r".*encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+# Module names of the installed transformers 5.x (checked by tests/test_backbones.py on tiny configs); keys are
+# `config.model_type`. The attention projections (q, k, v, out), as UniSTD adapts them.
 DEFAULT_TARGET_MODULES = {
     "clip": _ATTENTION,
     "clip_vision_model": _ATTENTION,
-    "siglip_vision_model": _ATTENTION,
-    "vit": ["query", "key", "value", "output.dense"],
+    "clip_text_model": _ATTENTION,
+    "siglip": _SIGLIP_ATTENTION,
+    "siglip_vision_model": _SIGLIP_ATTENTION,
+    "siglip_text_model": _SIGLIP_ATTENTION,
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],  # Conv1D layers; fused q/k/v and the attention output (not mlp.c_proj)
 }
 
 
@@ -52,10 +61,15 @@ class RankMoEModel(BaseTuner):
         if isinstance(target, RankMoELayer):
             target.update_layer(adapter_name, config, num_experts, fixed_ranks)
             return
-        if not isinstance(target, nn.Linear):
+        if not isinstance(target, ADAPTABLE_LAYERS):
             raise ValueError(
-                f"RankMoE can only adapt torch.nn.Linear modules; {current_key!r} is a {type(target).__name__}. "
-                "Narrow target_modules to the Linear layers."
+                f"RankMoE can only adapt torch.nn.Linear and transformers' Conv1D modules; {current_key!r} is a "
+                f"{type(target).__name__}. Narrow target_modules to the Linear layers."
+            )
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(
+                f"{current_key!r} is the out_proj of an nn.MultiheadAttention, which reads its weight directly, so "
+                "an adapter there would be ignored; exclude it from target_modules (e.g. with a regex)."
             )
         new_module = Linear(target, adapter_name, config, num_experts, fixed_ranks)
         if adapter_name not in self.active_adapters:
