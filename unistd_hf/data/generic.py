@@ -217,14 +217,68 @@ def load_array(
 # datasets with a video column
 
 
-def _as_frames(value: Any, layout: str) -> np.ndarray:
-    """One video as a (T, C, H, W) array: from an array-like in `layout`, or a list of PIL images."""
-    if isinstance(value, (list, tuple)) and value and hasattr(value[0], "convert"):  # PIL images
+def _column_kind(feature: Any, column: str) -> tuple[str, str | None]:
+    """("images" | "arrays", declared numpy dtype or None) of a video column, from its `datasets` feature.
+
+    The declared dtype matters because the numpy formatter of `datasets` returns nested-list and Array3D integers as
+    int64: a uint8 column must still be divided by 255, as the docs say.
+    """
+    inner = feature
+    while isinstance(inner, (datasets.List, datasets.LargeList, datasets.Sequence)):
+        inner = inner.feature
+    if isinstance(inner, datasets.Image):
+        return "images", None
+    if isinstance(inner, (datasets.Array2D, datasets.Array3D, datasets.Array4D, datasets.Array5D, datasets.Value)):
+        dtype = str(inner.dtype)
+        if dtype.startswith(("int", "uint", "float")):
+            return "arrays", dtype
+    raise ValueError(
+        f"hf_video: column {column!r} holds {feature}; expected one video per example as nested lists of numbers, "
+        "an Array3D/Array4D feature, or a list of images (decode other video features to frames first)"
+    )
+
+
+def _detect_layout(shape: tuple[int, ...], column: str) -> str:
+    """The layout of one video array: 3 axes are THW; of 4, the channel axis is the shorter of axes 1 and 3."""
+    if len(shape) == 3:
+        return "THW"
+    if len(shape) == 4 and shape[1] != shape[3]:
+        return "TCHW" if shape[1] < shape[3] else "THWC"
+    if len(shape) == 4:
+        raise ValueError(
+            f"hf_video: column {column!r}: cannot tell the layout of a video of shape {shape} (axes 1 and 3 are both "
+            f"{shape[1]} long); pass layout='TCHW' or layout='THWC'"
+        )
+    raise ValueError(
+        f"hf_video: column {column!r}: expected one video per example with 3 axes (T, H, W) or 4 axes (T, C, H, W) / "
+        f"(T, H, W, C), got shape {shape}"
+    )
+
+
+def _as_frames(value: Any, layout: str | None, dtype: str | None = None) -> np.ndarray:
+    """One video as a (T, C, H, W) array: from an array-like in `layout` (None: detected), or a list of images.
+
+    Images ("L" grey, "RGB", ...) are read as (T, H, W) or (T, H, W, C), whatever `layout` says. `dtype` is the
+    column's declared dtype: integers that the numpy formatter widened to int64 are narrowed back to it.
+    """
+    if isinstance(value, (list, tuple)) and value and hasattr(value[0], "convert"):  # PIL images, unformatted
+        sizes = {image.size for image in value}
+        if len(sizes) != 1:
+            raise ValueError(f"expected images of one size, got sizes {sorted(sizes)}")
         value = np.stack([np.asarray(image) for image in value])
         layout = "THWC" if value.ndim == 4 else "THW"
     array = np.asarray(value)
-    if array.dtype == object or array.ndim != len(layout):
+    if array.dtype == object:
+        raise ValueError(f"expected frames of one shape (a regular array), got ragged frames of {len(array)} items")
+    if layout is None:
+        layout = _detect_layout(array.shape, "video")
+    if array.ndim != len(layout):
         raise ValueError(f"expected a video of layout {layout} ({len(layout)} axes), got shape {array.shape}")
+    if dtype is not None and array.dtype != np.dtype(dtype) and array.dtype.kind in "iu" and np.dtype(dtype).kind in "iu":
+        info = np.iinfo(np.dtype(dtype))
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(f"values [{array.min()}, {array.max()}] do not fit the declared dtype {dtype}")
+        array = array.astype(dtype)
     if layout == "THWC":
         array = array.transpose(0, 3, 1, 2)
     elif layout == "THW":
@@ -241,14 +295,15 @@ def _video_to_clip(
     layout: str,
     value_range: tuple[float, float] | None,
     frame_shape: tuple[int, int, int],
+    dtype: str | None = None,
 ) -> dict[str, list[np.ndarray]]:
     inputs, targets = [], []
     for index, value in zip(indices, batch[column]):
         source = f"example {index}, column {column!r}"
         try:
-            video = _as_frames(value, layout)
+            video = _as_frames(value, layout, dtype)
         except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+            raise ValueError(f"hf_video: {source}: {error}") from None
         check_dtype(video, source, "uif", "numeric (uint8, int or float)")
         check_finite(video, source)
         if video.shape[0] < in_frames + out_frames or video.shape[1:] != frame_shape:
@@ -256,6 +311,9 @@ def _video_to_clip(
                 f"{source}: expected at least {in_frames + out_frames} frames of (C, H, W) = {frame_shape} "
                 f"(layout {layout}), got {video.shape}"
             )
+        if value_range is None and video.dtype.kind in "iu" and video.dtype != np.uint8:
+            raise ValueError(f"hf_video: {source}: {video.dtype} values need value_range=(low, high) to map them to "
+                             "[0, 1] (only uint8 is divided by 255 by itself)")
         low, high = _resolve_range(video, value_range, source)
         clip = to_unit(video[: in_frames + out_frames], (low, high)).astype(np.float16)
         inputs.append(clip[:in_frames])
@@ -289,7 +347,7 @@ def load_hf_video(
     column: str = "video",
     in_frames: int | None = None,
     out_frames: int | None = None,
-    layout: str = "TCHW",
+    layout: str | None = None,
     value_range: tuple[float, float] | None = None,
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
@@ -302,9 +360,11 @@ def load_hf_video(
         seed: seed of the random splits made when the source lacks "validation" or "test".
         dataset: a `Dataset`, a `DatasetDict` (its "train" / "validation" / "test" splits are kept), or the path
             of a folder written by `save_to_disk`.
-        column: the video column: arrays (nested lists, `Array4D`/`Array3D`, numpy) or lists of PIL images.
+        column: the video column: arrays (nested lists, `Array4D`/`Array3D`, numpy; uint8 is divided by 255) or
+            lists of PIL images (grey "L" as one channel, "RGB" as three).
         in_frames, out_frames: observed and predicted frames (the first in_frames + out_frames are used).
-        layout: axes of the arrays, "TCHW", "THWC" or "THW" (lists of images are detected).
+        layout: axes of the arrays, "TCHW", "THWC" or "THW"; None detects it: 3 axes are THW, of 4 the channel axis
+            is the shorter of axes 1 and 3 (equal lengths raise, asking for `layout`). Images are always detected.
         value_range: how values map to [0, 1] (see the module doc).
         validation_fraction, test_fraction: shares used when a split must be made.
         cache_dir: folder for the converted arrow files (default: next to the source's cache files, or in
@@ -313,8 +373,8 @@ def load_hf_video(
     if dataset is None or in_frames is None or out_frames is None:
         raise ValueError("task 'hf_video' needs dataset=, in_frames= and out_frames=")
     _check_frames(in_frames, out_frames)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be None (detect) or one of {LAYOUTS}, got {layout!r}")
     if isinstance(dataset, (str, Path)):
         if not Path(dataset).is_dir():
             raise FileNotFoundError(f"hf_video: expected a folder written by Dataset.save_to_disk at {dataset}")
@@ -329,7 +389,16 @@ def load_hf_video(
             raise ValueError(f"hf_video: split {name!r} has no column {column!r}; columns: {source.column_names}")
         if len(source) == 0:
             raise ValueError(f"hf_video: split {name!r} is empty")
-    first = _as_frames(sources["train"].with_format("numpy")[0][column], layout)
+    kind, dtype = _column_kind(sources["train"].features[column], column)
+    raw = np.asarray(sources["train"].with_format("numpy")[0][column])
+    if kind == "images":
+        layout = "THWC" if raw.ndim == 4 else "THW"  # what decoded images are, whatever `layout` says
+    elif layout is None:
+        layout = _detect_layout(raw.shape, column)
+    try:
+        first = _as_frames(raw, layout, dtype)
+    except ValueError as error:
+        raise ValueError(f"hf_video: example 0 of split 'train', column {column!r}: {error}") from None
     frame_shape = tuple(int(s) for s in first.shape[1:])
     features = clip_features((in_frames, *frame_shape), (out_frames, *frame_shape))
     fn_kwargs = {
@@ -339,6 +408,7 @@ def load_hf_video(
         "layout": layout,
         "value_range": None if value_range is None else tuple(float(v) for v in value_range),
         "frame_shape": frame_shape,
+        "dtype": dtype,
     }
     out = {}
     for name, source in sources.items():
