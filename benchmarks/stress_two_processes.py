@@ -39,8 +39,10 @@ def main() -> int:
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             ok = done.returncode == 0 and (Path(tmp) / f"run-{index}" / "report.json").is_file()
             failures += not ok
-            tail = "" if ok else " " + done.stderr.strip().splitlines()[-1][:200]
-            print(f"run {index + 1}/{args.runs}: {'ok' if ok else 'FAILED'} in {time.time() - started:.0f} s{tail}", flush=True)
+            print(f"run {index + 1}/{args.runs}: {'ok' if ok else 'FAILED'} in {time.time() - started:.0f} s", flush=True)
+            if not ok:
+                errors = [line for line in done.stderr.splitlines() if "Error" in line or line.startswith("error")]
+                print("    " + "\n    ".join(errors[-6:]), flush=True)
     print(f"{args.runs - failures} passed, {failures} failed")
     return 1 if failures else 0
 
