@@ -1,6 +1,9 @@
 # One command sets up a fresh clone and runs the tests: `make test`.
-# torch is installed first and pinned so that a CPU machine takes the CPU wheel; override it, e.g.
-#   make test TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu126"
+# torch is installed first as `pip install $(TORCH_SPEC)`: which build that is depends on pip's indexes. Plain PyPI
+# gives a CPU build on macOS/Windows but its CUDA build on Linux x86_64; a CPU build anywhere:
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# a CUDA build (the cuXYZ that pytorch.org lists for your driver):
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

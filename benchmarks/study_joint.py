@@ -24,14 +24,17 @@ data, the random backbone, the initialisation and the task order; each seed's ro
 Reported per task: MSE, PSNR, SSIM (and CSI, averaged over the six SEVIR VIL thresholds, for rain_nowcast),
 the copy-last-frame baseline, trainable parameters and wall time, as mean +- sample std over the seeds;
 plus the final rank pattern of the joint full method (total rank per module kind and per layer). The tables
-are printed and written to docs/RESULTS.md (section "study_joint"); all raw numbers to docs/study_joint.json.
+are printed; with --write-docs they are also written to docs/RESULTS.md (section "study_joint") and all raw
+numbers to docs/study_joint.json (without it the raw numbers go to OUTPUT_DIR/study_joint.json and docs/ is left
+alone, so running the script never overwrites the published results by accident).
 Each run leaves its own folder under --output_dir (report.json, pictures, adapter).
 
     python benchmarks/study_joint.py                          # default size, 2 seeds, ~45 min on 2 CPU cores
-    python benchmarks/study_joint.py --tiny --no_write        # smoke test, a few minutes
+    python benchmarks/study_joint.py --write-docs             # the same, and update docs/RESULTS.md + docs/study_joint.json
+    python benchmarks/study_joint.py --tiny                   # smoke test, a few minutes
     python benchmarks/study_joint.py --scale 8 --device auto  # GPU: 8x steps and data, a bigger backbone
     python benchmarks/study_joint.py --rows joint joint_lora --seeds 0 1 2
-    python benchmarks/study_joint.py --from_json docs/study_joint.json --notes notes.md   # re-render + interpretation
+    python benchmarks/study_joint.py --from_json docs/study_joint.json --notes notes.md --write-docs  # re-render
 
 Runs execute in this process one after the other (each `train()` builds its own Accelerator and calls
 set_seed; the script checks nothing leaks by construction: it deletes a row's folder before running it, so
@@ -377,12 +380,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "round-robin batches makes the joint model's later steps city_traffic only).")
     p.add_argument("--subprocess", action="store_true", help="Run each configuration in a fresh Python process.")
     p.add_argument("--reuse", action="store_true", help="Keep finished runs whose arguments match.")
-    p.add_argument("--no_write", action="store_true", help="Print only; leave docs/ untouched.")
-    p.add_argument("--json", default=None, help="Where the raw numbers go (default: docs/study_joint.json, or "
-                   "OUTPUT_DIR/study_joint.json with --no_write).")
+    p.add_argument("--write-docs", "--write_docs", dest="write_docs", action="store_true",
+                   help="Also write the tables to docs/RESULTS.md and the raw numbers to docs/study_joint.json "
+                   "(default: print only, docs/ untouched).")
+    p.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)  # the old opt-out; now the default
+    p.add_argument("--json", default=None, help="Where the raw numbers go (default: OUTPUT_DIR/study_joint.json, or "
+                   "docs/study_joint.json with --write-docs).")
     p.add_argument("--notes", default=None, help="A text file whose content is added as the interpretation.")
     p.add_argument("--from_json", default=None, help="Render the tables from a saved JSON instead of training.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.write_docs and args.no_write:
+        p.error("--write-docs and --no_write contradict each other")
+    return args
 
 
 def findings(table: dict[str, Any], rows: list[str]) -> str:
@@ -468,12 +477,12 @@ def main(argv=None) -> None:
             torch.set_num_threads(raw["torch_threads"])
         body = render(raw, notes)
         print(body)
-        if not args.no_write:
+        if args.write_docs:
             write_section("study_joint", body, command=raw["command"])
             print("wrote docs/RESULTS.md")
         return
     if args.json is None:
-        args.json = str(Path(args.output_dir) / "study_joint.json") if args.no_write else str(JSON_PATH)
+        args.json = str(JSON_PATH) if args.write_docs else str(Path(args.output_dir) / "study_joint.json")
     common = sizes(args)
     rows = args.rows
     if args.threads or args.device == "cpu":
@@ -507,9 +516,11 @@ def main(argv=None) -> None:
     body = render(raw, notes)
     print(body)
     print(f"\ntotal wall time {total:.0f}s; raw numbers in {args.json}")
-    if not args.no_write:
+    if args.write_docs:
         write_section("study_joint", body, command=raw["command"])
         print("wrote docs/RESULTS.md")
+    else:
+        print("docs/ left untouched (pass --write-docs to update docs/RESULTS.md and docs/study_joint.json)")
 
 
 def save_raw(args, common, rows, plans, runs, total: float, partial: bool) -> dict[str, Any]:

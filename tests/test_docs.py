@@ -100,3 +100,80 @@ def test_doc_block_runs_and_prints_what_it_quotes(where, code, tmp_path):
         assert position < len(printed), (f"{where}: the docs say a print shows {want!r}, but the block printed "
                                          f"(in order, after the previous match):\n{done.stdout[-3000:]}")
         position += 1
+
+
+# --- the README's table of RankMoEConfig options, generated from the dataclass fields ---------------------------
+
+TABLE_START, TABLE_END = "<!-- rankmoe-options:start -->", "<!-- rankmoe-options:end -->"
+
+
+def rankmoe_options_table() -> str:
+    """One row per field RankMoEConfig itself defines (peft's PeftConfig fields are peft's): name, default, help."""
+    import dataclasses
+
+    from rankmoe_peft import RankMoEConfig
+
+    own = RankMoEConfig.__dict__.get("__annotations__", {})
+    rows = ["| option | default | effect |", "|---|---|---|"]
+    for field in dataclasses.fields(RankMoEConfig):
+        if field.name not in own:
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        text = " ".join(field.metadata["help"].split()).replace("|", "\\|").replace("<", "&lt;")  # not HTML
+        rows.append(f"| `{field.name}` | `{default!r}` | {text} |")
+    return "\n".join(rows)
+
+
+def readme_table(text: str) -> str:
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    return text[start:end].strip()
+
+
+def test_readme_lists_every_rankmoe_option_with_its_default_and_effect():
+    from rankmoe_peft import RankMoEConfig
+
+    table = readme_table((ROOT / "README.md").read_text())
+    assert table == rankmoe_options_table(), (
+        "README.md's RankMoEConfig table disagrees with the dataclass fields; regenerate it with "
+        "`.venv/bin/python tests/test_docs.py --write-rankmoe-table`")
+    own = RankMoEConfig.__dict__["__annotations__"]
+    assert len(table.splitlines()) == 2 + len(own) and "| `num_experts` | `6` |" in table
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-rankmoe-table"]:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    readme.write_text(text[:start] + "\n" + rankmoe_options_table() + "\n" + text[end:])
+    print(f"wrote the RankMoEConfig table into {readme}")
+
+
+def test_citations_agree():
+    """The README's BibTeX and CITATION.cff name the same paper, authors in the same order."""
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    bibtex = re.search(r"```bibtex\n(.*?)```", readme, re.DOTALL).group(1)
+    authors = re.search(r"author\s*=\s*\{(.*?)\},\s*\n\s*title", bibtex, re.DOTALL).group(1)
+    bib_authors = " ".join(authors.split()).split(" and ")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    paper = cff["references"][0]
+    assert cff["license"] == "Apache-2.0" and (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert [f"{a['family-names']}, {a['given-names']}" for a in paper["authors"]] == bib_authors
+    assert f"title     = {{{paper['title']}}}" in bibtex and str(paper["year"]) in bibtex
+
+
+def test_study_joint_writes_docs_only_when_asked(tmp_path):
+    """Running the study as documented prints; only --write-docs touches docs/RESULTS.md."""
+    results = ROOT / "docs" / "RESULTS.md"
+    before = results.read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study_joint.py"), "--from_json",
+                           str(ROOT / "docs" / "study_joint.json")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "### Findings (computed)" in done.stdout and "wrote docs/RESULTS.md" not in done.stdout
+    assert results.read_bytes() == before
+    help_text = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study_joint.py"), "--help"], env=env,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "--write-docs" in help_text
