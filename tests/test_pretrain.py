@@ -16,6 +16,7 @@ from transformers import CLIPVisionModel
 
 from unistd_hf.configuration_unistd import TaskSpec, UniSTDConfig
 from unistd_hf.modeling_unistd import UniSTDModel
+from unistd_hf.modules import sincos_2d_position_encoding
 from unistd_hf.pretrain import (
     PACKAGED_BACKBONE,
     PACKAGED_BACKBONE_DIR,
@@ -119,6 +120,18 @@ def test_encoder_sees_only_visible_patches_and_the_loss_counts_only_hidden_ones(
     noisy = torch.where(hidden_pixels, torch.rand_like(images), images)
     _, predictions_noisy = model(noisy, ids_keep, mask)
     torch.testing.assert_close(predictions_noisy, predictions)
+    # grid offsets: patch (i, j) of a crop at offset (r, c) gets the sin-cos code of cell (r + i, c + j) of a 16 x 16 grid
+    placed = CLIPMaskedAutoencoder(CLIPVisionModel(tiny_clip_config()), decoder_width=32, decoder_layers=1, position_grid=16)
+    offsets = torch.tensor([[0, 0], [3, 12], [12, 5], [7, 7]])
+    positions = placed.token_positions(offsets)  # (4, 16, 32)
+    table = sincos_2d_position_encoding(16, 16, 32)
+    for b, (r, c) in enumerate(offsets.tolist()):
+        for i in range(4):
+            for j in range(4):
+                torch.testing.assert_close(positions[b, i * 4 + j], table[(r + i) * 16 + c + j])
+    torch.testing.assert_close(positions[0], placed.token_positions(None))  # offset 0 = CLIP's own (sin-cos) table
+    with pytest.raises(ValueError, match="offsets must lie in"):
+        placed.token_positions(torch.tensor([[13, 0]]))
     loss.backward()  # the encoder layers (what UniSTD keeps) learn
     assert model.encoder.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.encoder.embeddings.position_embedding.weight.requires_grad is False  # fixed sin-cos

@@ -13,7 +13,8 @@ The encoder is a transformers `CLIPVisionModel` used through its own patch embed
 `pre_layrnorm` and `encoder` (UniSTD later uses `pre_layrnorm` and `encoder`). With `--position_embedding sincos`
 (the default) its position embedding is fixed to the same 2D sine-cosine code UniSTD adds to its tokens
 (`unistd_hf.modules.sincos_2d_position_encoding`), and no class token is used, as in UniSTD, so the encoder layers
-learn on the token layout they will see later. The images never include forecasting data: the natural images bundled
+learn on the token layout they will see later; each crop's patch grid is placed at a random offset in a 16 x 16
+grid (`--position_grid`), so that small crops teach the positions of UniSTD's 16 x 16 token grids too. The images never include forecasting data: the natural images bundled
 with scikit-image and scikit-learn (no download), plus `--image_folder` / `--hf_dataset` where a user has more.
 
 Outputs in `output_dir`: `backbone/` (an ordinary CLIP vision checkpoint: config.json, model.safetensors,
@@ -115,6 +116,12 @@ class PretrainArguments:
     position_embedding: str = field(
         default="sincos",
         metadata={"help": "'sincos': fixed 2D sin-cos (the code UniSTD adds to its tokens); 'learned': CLIP's own."},
+    )
+    position_grid: int = field(
+        default=16,
+        metadata={"help": "With sincos positions: each crop's patch grid sits at a random offset in a grid this large, "
+                  "so the encoder learns positions up to the token grids UniSTD uses (16 x 16 for the default 64 x 64 "
+                  "tasks) on small crops. 0: the crop's own grid."},
     )
     # decoder (discarded at the end)
     decoder_width: int = field(default=64, metadata={"help": "Width of the MAE decoder."})
@@ -285,10 +292,12 @@ class CLIPMaskedAutoencoder(nn.Module):
         encoder: the CLIP vision model; its patch embedding, position embedding, pre_layrnorm and encoder run.
         decoder_width / decoder_layers / decoder_heads: the decoder's size.
         sincos_positions: fix the encoder's position embedding to the 2D sin-cos code (frozen).
+        position_grid: side of the sin-cos grid a crop's patch grid may be placed in (`offsets` of `forward`);
+            0 or the crop's own grid side: no offsets.
     """
 
     def __init__(self, encoder: CLIPVisionModel, decoder_width: int = 128, decoder_layers: int = 2,
-                 decoder_heads: int = 4, sincos_positions: bool = True) -> None:
+                 decoder_heads: int = 4, sincos_positions: bool = True, position_grid: int = 0) -> None:
         super().__init__()
         config = encoder.config
         if config.image_size % config.patch_size:
@@ -298,6 +307,12 @@ class CLIPMaskedAutoencoder(nn.Module):
         side = config.image_size // config.patch_size
         self.grid = (side, side)
         self.num_patches = side * side
+        self.position_grid = max(side, position_grid)
+        if self.position_grid > side and not sincos_positions:
+            raise ValueError("a position grid larger than the crop's patch grid needs sincos positions")
+        if sincos_positions:  # (G*G, D), row-major: row r, column c is entry r*G + c
+            table = sincos_2d_position_encoding(self.position_grid, self.position_grid, config.hidden_size)
+            self.register_buffer("grid_positions", table, persistent=False)
         self.decoder = MAEDecoder(config.hidden_size, decoder_width, decoder_layers, decoder_heads, self.grid,
                                   config.patch_size**2 * config.num_channels)
         embeddings = encoder.embeddings
@@ -315,21 +330,35 @@ class CLIPMaskedAutoencoder(nn.Module):
         """[0, 1] -> roughly zero mean, unit variance, the scale the patch embedding is initialised for."""
         return (images - 0.5) / 0.25
 
-    def encode_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def token_positions(self, offsets: torch.Tensor | None) -> torch.Tensor:
+        """Position code of every patch: (N, D) without offsets (CLIP's table), else (B, N, D) where patch (i, j) of
+        crop b gets the sin-cos code of grid cell (offsets[b, 0] + i, offsets[b, 1] + j)."""
+        if offsets is None:
+            return self.encoder.embeddings.position_embedding.weight[1 : self.num_patches + 1]
+        side, G = self.grid[0], self.position_grid
+        if offsets.min() < 0 or offsets.max() > G - side:
+            raise ValueError(f"offsets must lie in [0, {G - side}] for a {side} x {side} grid in a {G} x {G} one")
+        steps = torch.arange(side, device=offsets.device)
+        rows = offsets[:, 0, None, None] + steps[None, :, None]  # (B, side, 1)
+        cols = offsets[:, 1, None, None] + steps[None, None, :]  # (B, 1, side)
+        return self.grid_positions[(rows * G + cols).flatten(1)]  # (B, N, D)
+
+    def encode_visible(self, images: torch.Tensor, ids_keep: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, S, S) in [0, 1], ids_keep (B, K) -> encoder output of the visible patches (B, K, D)."""
         clip = self.encoder
         embeddings = clip.embeddings
         x = embeddings.patch_embedding(self.normalize_pixels(images).to(embeddings.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-        x = x + embeddings.position_embedding.weight[1 : self.num_patches + 1]
+        x = x + self.token_positions(offsets).to(x.dtype)
         x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         x = clip.pre_layrnorm(x)
         return clip.encoder(inputs_embeds=x).last_hidden_state  # (B, K, D)
 
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor,
-                norm_pix_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss on hidden patches and the predictions (B, N, p*p*3) in target space."""
-        predictions = self.decoder(self.encode_visible(images, ids_keep), ids_keep)
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True,
+                offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss on hidden patches and the predictions (B, N, p*p*3) in target space; `offsets` (B, 2) place each
+        crop's patch grid in the larger position grid (see `token_positions`)."""
+        predictions = self.decoder(self.encode_visible(images, ids_keep, offsets), ids_keep)
         targets = patch_targets(images.float(), self.patch_size, norm_pix_loss)
         return masked_patch_loss(predictions, targets, mask), predictions
 
@@ -339,7 +368,13 @@ def build_autoencoder(args: PretrainArguments) -> CLIPMaskedAutoencoder:
     torch.manual_seed(args.seed)
     encoder = CLIPVisionModel(clip_config(args))
     return CLIPMaskedAutoencoder(encoder, args.decoder_width, args.decoder_layers, args.decoder_heads,
-                                 sincos_positions=args.position_embedding == "sincos")
+                                 sincos_positions=args.position_embedding == "sincos", position_grid=args.position_grid)
+
+
+def random_offsets(batch_size: int, args: PretrainArguments, rng: np.random.Generator) -> torch.Tensor:
+    """(B, 2) uniform grid offsets of each crop's patch grid in the position grid (zeros without a larger grid)."""
+    side = args.image_size // args.patch_size
+    return torch.from_numpy(rng.integers(0, max(side, args.position_grid) - side + 1, size=(batch_size, 2)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -543,8 +578,9 @@ def sample_batch(pool: ImagePool, args: PretrainArguments, rng: np.random.Genera
     return torch.stack(crops)
 
 
-def heldout_set(pool: ImagePool, args: PretrainArguments, num_patches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed held-out crops (no colour jitter) and fixed masks: (crops, ids_keep, mask), the same for every seed."""
+def heldout_set(pool: ImagePool, args: PretrainArguments, num_patches: int) -> tuple[torch.Tensor, ...]:
+    """Fixed held-out crops (no colour jitter), masks and grid offsets: (crops, ids_keep, mask, offsets), the same
+    for every seed."""
     rng = np.random.default_rng(HELDOUT_SEED)
     images = [pool[i] for i in range(len(pool))] if len(pool) <= 64 else None
     crops = []
@@ -553,20 +589,21 @@ def heldout_set(pool: ImagePool, args: PretrainArguments, num_patches: int) -> t
         image = images[i] if images is not None else pool[i]
         crops.append(random_resized_crop(image, args.image_size, rng, args.min_crop_scale))
     ids_keep, mask = random_masking(len(crops), num_patches, args.mask_ratio, torch.Generator().manual_seed(HELDOUT_SEED))
-    return torch.stack(crops), ids_keep, mask
+    return torch.stack(crops), ids_keep, mask, random_offsets(len(crops), args, rng)
 
 
 @torch.no_grad()
 def heldout_loss(model: CLIPMaskedAutoencoder, heldout: tuple[torch.Tensor, ...], norm_pix_loss: bool,
                  device: torch.device, batch_size: int = 64) -> float:
     """Masked-patch loss over the fixed held-out crops (a mean over all their hidden patches)."""
-    crops, ids_keep, mask = heldout
+    crops, ids_keep, mask, offsets = heldout
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for start in range(0, len(crops), batch_size):
         part = slice(start, start + batch_size)
-        loss, _ = model(crops[part].to(device), ids_keep[part].to(device), mask[part].to(device), norm_pix_loss)
+        loss, _ = model(crops[part].to(device), ids_keep[part].to(device), mask[part].to(device), norm_pix_loss,
+                        offsets[part].to(device))
         hidden = mask[part].sum().item()
         total, count = total + loss.item() * hidden, count + hidden
     model.train(was_training)
@@ -674,6 +711,10 @@ def validate_arguments(args: PretrainArguments) -> None:
         raise ValueError(f"--mask_ratio must hide at least one of the {num_patches} patches and show one, got {args.mask_ratio}")
     if args.position_embedding not in ("sincos", "learned"):
         raise ValueError(f"--position_embedding must be 'sincos' or 'learned', got {args.position_embedding!r}")
+    side = args.image_size // args.patch_size
+    if args.position_grid < 0 or (args.position_grid > side and args.position_embedding != "sincos"):
+        raise ValueError(f"--position_grid must be >= 0, and larger than the {side} x {side} patch grid only with "
+                         f"--position_embedding sincos (got {args.position_grid}; 0 turns grid offsets off)")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be one of ('no', 'fp16', 'bf16'), got {args.mixed_precision!r}")
     if not 0.0 < args.min_crop_scale <= 1.0 or not 0.0 <= args.grey_probability <= 1.0 or not 0.0 <= args.color_jitter < 1.0:
@@ -783,14 +824,15 @@ def plot_loss_curve(log: list[dict], heldout: list[dict], never_trained: float |
 
 @torch.no_grad()
 def reconstruction_images(model: CLIPMaskedAutoencoder, crops: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor,
-                          norm_pix_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          norm_pix_loss: bool, offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked input, reconstruction) as images: visible patches pasted from the crop, hidden ones predicted.
 
     With normalised-pixel targets a prediction is mapped back with the true patch's mean and std (MAE's visualisation).
     """
     model.eval()
     device = next(model.parameters()).device
-    _, predictions = model(crops.to(device), ids_keep.to(device), mask.to(device), norm_pix_loss)
+    offsets = None if offsets is None else offsets.to(device)
+    _, predictions = model(crops.to(device), ids_keep.to(device), mask.to(device), norm_pix_loss, offsets)
     predictions = predictions.float().cpu()
     pixels = patchify(crops, model.patch_size)  # (B, N, P)
     if norm_pix_loss:
@@ -833,7 +875,8 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         "# MAE pretraining report",
         "",
         f"CLIP vision encoder: width {a['width']}, {a['layers']} layers, {a['heads']} heads, patch {a['patch_size']}, "
-        f"image {a['image_size']}, {a['position_embedding']} positions; {report['encoder_parameters']:,} parameters.",
+        f"image {a['image_size']}, {a['position_embedding']} positions (grid offsets within {a['position_grid']} x "
+        f"{a['position_grid']}); {report['encoder_parameters']:,} parameters.",
         f"{report['steps']} steps of {a['batch_size']} crops on {report['processes']} process(es) in "
         f"{report['wall_time_s']:.0f} s; seed {a['seed']}; mask ratio {a['mask_ratio']}; "
         f"targets: {'per-patch normalised pixels' if a['norm_pix_loss'] else 'pixels'}.",
@@ -955,8 +998,9 @@ def pretrain(args: PretrainArguments, command: str | None = None) -> dict[str, A
         images = sample_batch(train_pool, args, rng).to(accelerator.device)
         generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         ids_keep, mask = random_masking(args.batch_size, num_patches, args.mask_ratio, generator, accelerator.device)
+        offsets = random_offsets(args.batch_size, args, rng).to(accelerator.device)
         with accelerator.autocast():
-            loss, _ = model(images, ids_keep, mask, args.norm_pix_loss)
+            loss, _ = model(images, ids_keep, mask, args.norm_pix_loss, offsets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}; lower --learning_rate")
         accelerator.backward(loss)
@@ -991,7 +1035,7 @@ def pretrain(args: PretrainArguments, command: str | None = None) -> dict[str, A
     never_loss = heldout_loss(never, heldout, args.norm_pix_loss, accelerator.device)
     flat = None
     if args.norm_pix_loss:
-        crops, _, hmask = heldout
+        crops, _, hmask, _ = heldout
         targets = patch_targets(crops, bare.patch_size, True)
         flat = masked_patch_loss(torch.zeros_like(targets), targets, hmask).item()
     pretrained_loss = state["heldout"][-1]["loss"]
@@ -1016,9 +1060,9 @@ def pretrain(args: PretrainArguments, command: str | None = None) -> dict[str, A
     if accelerator.is_main_process:
         report["backbone_sha256"] = save_backbone_folder(bare.encoder, output / "backbone")
         plot_loss_curve(state["log"], state["heldout"], never_loss, output / "loss_curve.png")
-        crops, ids_keep, hmask = (t[:8] for t in heldout)
-        masked, filled = reconstruction_images(bare, crops, ids_keep, hmask, args.norm_pix_loss)
-        _, random_filled = reconstruction_images(never, crops, ids_keep, hmask, args.norm_pix_loss)
+        crops, ids_keep, hmask, offsets = (t[:8] for t in heldout)
+        masked, filled = reconstruction_images(bare, crops, ids_keep, hmask, args.norm_pix_loss, offsets)
+        _, random_filled = reconstruction_images(never, crops, ids_keep, hmask, args.norm_pix_loss, offsets)
         plot_reconstructions(
             {"held-out crop": crops, "masked input": masked, "pretrained": filled, "never trained": random_filled},
             output / "reconstructions.png",
