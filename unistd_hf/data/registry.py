@@ -66,7 +66,8 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0, **options) 
     """Load a task as a `DatasetDict` with splits "train", "validation", "test".
 
     Each split has columns `inputs` (T, C, H, W) and `targets` (T', C, H, W), stored as float16 in [0, 1]
-    and returned in torch format: `ds["train"][0]["inputs"]` is a float16 tensor in [0, 1] (call `.float()`).
+    and returned in torch format: `ds["train"][0]["inputs"]` is a float32 tensor in [0, 1] (the torch formatter of
+    `datasets` widens float16; docs/DATA.md's example prints the dtype and tests/test_docs.py checks it).
     Results are cached by `datasets` (pass `cache_dir=` to choose where); the same name, seed, options and
     input files load from the cache instead of being built again.
 
