@@ -189,3 +189,20 @@ def test_training_run_saves_its_random_backbone_beside_the_adapter(tmp_path):
     with torch.no_grad():
         got = load_unistd_peft_model(moved)(pixel_values=x, task="city_traffic")
     assert torch.equal(got.predictions, expected.predictions)
+
+
+@pytest.mark.skipif(not HAS_PACKAGED, reason="packaged backbone not installed")
+def test_a_run_on_the_packaged_backbone_records_its_name(tmp_path):
+    from accelerate import Accelerator
+
+    from unistd_hf.training import TrainingArguments
+    from unistd_hf.training.models import build_model, resolve_run_backbone
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), hidden_channels=8)  # --backbone: the packaged default
+    assert args.backbone == PACKAGED_BACKBONE
+    backbone, sha256 = resolve_run_backbone(args)
+    model, config = build_model(args, [SPEC], backbone, Accelerator(cpu=True))
+    assert config.backbone == PACKAGED_BACKBONE and sha256
+    save_unistd_peft_model(model, tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_config"]
+    assert recorded["backbone"] == PACKAGED_BACKBONE and not (tmp_path / "adapter" / "backbone").exists()
