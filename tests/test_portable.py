@@ -170,6 +170,7 @@ def test_an_adapter_naming_a_missing_path_is_explained(tmp_path):
         load_unistd_peft_model(tmp_path / "adapter")
 
 
+@pytest.mark.slow  # a whole (tiny) training run, ~1 minute
 def test_training_run_saves_its_random_backbone_beside_the_adapter(tmp_path):
     from test_training import TINY, launch
 
