@@ -73,27 +73,32 @@ def gate_floor(dtype: torch.dtype) -> float:
     return floor if floor <= info.eps**2 else info.tiny
 
 
-def route(logits: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+def route(logits: torch.Tensor, top_k: int | None = None, overwrite_logits: bool = False) -> torch.Tensor:
     """Softmax gates over the last dim (experts); with `top_k`, keep the k largest and renormalise.
 
     Denormal-free: an expert whose gate would fall below `gate_floor` is left out of the softmax (its logit
-    masked to -inf), so its gate is exactly 0 and so is its gradient, and the saved softmax output that the
+    set to -inf), so its gate is exactly 0 and so is its gradient, and the saved softmax output that the
     backward pass multiplies with holds no denormal either. Its true gradient is smaller than the floor times
     the upstream gradient, i.e. negligible. The kept gates are renormalised over the kept experts, which
     changes them by less than `num_experts * floor` relative. With `top_k` the same masked softmax is taken
     over the k largest logits, which equals renormalising the k largest softmax gates.
 
     When no backward pass will read the softmax output (no autograd), the sub-floor gates are zeroed after the
-    softmax instead, in place (one kernel instead of four); both forms agree to far below rounding.
+    softmax instead, in place (one kernel); both forms agree to far below rounding. `overwrite_logits=True`
+    lets the -inf be written into `logits` itself, without an autograd node (the same gradient: the softmax's
+    backward gives exactly 0 where its output is 0); only for a caller that owns `logits` and whose autograd
+    graph has not saved it, as the RankMoE layer does with the logits it has just computed.
     """
     num_experts = logits.shape[-1]
     if top_k is None and not (logits.requires_grad and torch.is_grad_enabled()):
         return F.threshold_(logits.softmax(dim=-1), gate_floor(logits.dtype), 0.0)
-    detached = logits.detach()  # which experts are kept is a discrete choice: no gradient through it
-    # exp(l - max) / Z >= floor for Z <= num_experts when l - max >= log(floor * num_experts)
-    cutoff = detached.amax(dim=-1, keepdim=True) + math.log(gate_floor(logits.dtype) * num_experts)
-    dropped = detached < cutoff  # (..., E)
-    if top_k is not None and top_k < num_experts:
-        outside = torch.ones_like(dropped).scatter_(-1, detached.topk(top_k, dim=-1).indices, False)
-        dropped |= outside
-    return logits.masked_fill(dropped, -math.inf).softmax(dim=-1)
+    with torch.no_grad():  # which experts are kept is a discrete choice: no gradient through it
+        # exp(l - max) / Z >= floor for Z <= num_experts when l - max >= log(floor * num_experts)
+        dropped = (logits - logits.amax(dim=-1, keepdim=True)) < math.log(gate_floor(logits.dtype) * num_experts)
+        if top_k is not None and top_k < num_experts:
+            dropped.scatter_(-1, logits.topk(num_experts - top_k, dim=-1, largest=False).indices, True)
+        if overwrite_logits:
+            logits.masked_fill_(dropped, -math.inf)
+    if not overwrite_logits:
+        logits = logits.masked_fill(dropped, -math.inf)
+    return logits.softmax(dim=-1)

@@ -15,9 +15,12 @@ from transformers.pytorch_utils import Conv1D
 from .config import RankMoEConfig
 from .functional import fractional_rank_mask, hard_rank_mask, route
 
-__all__ = ["RankMoELayer", "Linear", "ExpertSettings", "ADAPTABLE_LAYERS", "layer_features"]
+__all__ = ["RankMoELayer", "Linear", "ExpertSettings", "ADAPTABLE_LAYERS", "FUSE_MIN_INPUT", "layer_features"]
 
 ADAPTABLE_LAYERS = (nn.Linear, Conv1D)
+# Inputs with at least this many numbers run router and experts as one matmul in training (measured on CPU: fusing
+# saves ~5% of a ViT-B-shaped layer's step, 512 x 768 inputs, and costs ~7% on a width-32 layer, 32 x 32 inputs).
+FUSE_MIN_INPUT = 2**14
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -183,25 +186,27 @@ class RankMoELayer(BaseTunerLayer):
             return cached[1]
         return fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
 
-    def expert_gates(self, adapter_name: str, logits: torch.Tensor) -> torch.Tensor:
+    def expert_gates(self, adapter_name: str, logits: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
         """Router weights (..., E) from per-token router logits (..., E). The sequence router averages the logits
         over each sequence's tokens, which equals routing its mean token (the router is linear); a 2-D input is
         one token per sample and is never averaged across the batch. Gates never hold denormal floats (see
-        `rankmoe_peft.functional.route`)."""
+        `rankmoe_peft.functional.route`, also for `overwrite_logits`)."""
         settings = self.rankmoe_settings[adapter_name]
         if settings.router == "sequence" and logits.dim() >= 3:
             pooled = logits.flatten(1, -2).mean(dim=1)  # (B, E): one routing decision per sequence
             logits = pooled.view(logits.shape[0], *([1] * (logits.dim() - 2)), -1)  # (B, 1.., E)
-        return route(logits, settings.top_k)
+        return route(logits, settings.top_k, overwrite_logits=overwrite_logits)
 
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
 
         Training path: one matmul of x with [the E*R columns of A | the router's E rows] gives the experts' hidden
-        values and the router logits (the input is read once; with active dropout the router sees the clean input,
-        so two matmuls); mask and scaling are folded into B (E*R*out numbers) instead of a (..., E*R) scale, so the
-        only (..., E*R) tensors are the matmul's output and its gated copy. Without autograd, only the columns a
-        rank keeps are computed, from a cache (`_inference_delta`).
+        values and the router logits, so the input is read once (two matmuls with active dropout, where the router
+        sees the clean input, and for inputs below `FUSE_MIN_INPUT` numbers, where per-op overhead dominates and a
+        second small matmul is cheaper than concatenating the weights); mask and scaling are folded into the copy
+        of A's columns instead of a (..., E*R) scale, so the only (..., E*R) tensors are the matmul's output and its
+        gated copy. Without autograd, only the columns a rank keeps are computed, from a cache
+        (`_inference_delta`).
         """
         A = self.rankmoe_A[adapter_name]  # (E, in, R)
         x = self._cast_input_dtype(x, A.dtype)
@@ -212,18 +217,21 @@ class RankMoELayer(BaseTunerLayer):
         B = self.rankmoe_B[adapter_name]  # (E, R, out)
         router = self.rankmoe_router[adapter_name]
         num_experts, _, columns = A.shape
-        A_columns = A.transpose(1, 2).reshape(num_experts * columns, -1)  # (E*R, in), expert-major columns
-        if drops:  # the router sees the clean input, the experts the dropped one: two matmuls
-            hidden = F.linear(dropout(x), A_columns)  # (..., E*R)
+        column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R), float32
+        if column_scale.dtype != A.dtype:
+            column_scale = column_scale.to(A.dtype)
+        # mask and scaling folded into A's columns: the copy into (E*R, in) layout is needed anyway
+        A_columns = (A.transpose(1, 2) * column_scale.unsqueeze(-1)).reshape(num_experts * columns, -1)  # (E*R, in)
+        if drops or x.numel() < FUSE_MIN_INPUT:  # two matmuls; with dropout the router sees the clean input
+            hidden = F.linear(dropout(x) if drops else x, A_columns)  # (..., E*R)
             logits = F.linear(x, router.weight, router.bias)  # (..., E)
         else:
             fused = torch.cat([A_columns, router.weight], dim=0)  # (E*R+E, in)
             hidden, logits = F.linear(x, fused).split([num_experts * columns, num_experts], dim=-1)
             logits = logits + router.bias  # (..., E)
-        gates = self.expert_gates(adapter_name, logits)  # (..., E) or (B, 1.., E)
+        gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E) or (B, 1.., E)
         gated = (hidden.unflatten(-1, (num_experts, columns)) * gates.unsqueeze(-1)).flatten(-2)  # (..., E*R)
-        column_scale = self.rank_mask(adapter_name).to(B.dtype) * self.scaling[adapter_name]  # (E, R)
-        return torch.matmul(gated, (B * column_scale.unsqueeze(-1)).view(-1, self.out_features))  # (..., out)
+        return torch.matmul(gated, B.reshape(num_experts * columns, -1))  # (..., out)
 
     def _inference_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The same delta from the cached active columns: one matmul (with the router bias) gives the K kept
@@ -231,7 +239,7 @@ class RankMoELayer(BaseTunerLayer):
         fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
         kept = expert_of_column.numel()
         hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
-        gates = self.expert_gates(adapter_name, logits)  # (..., E)
+        gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E); logits: a view of ours
         return torch.matmul(hidden * gates.index_select(-1, expert_of_column), B_active)  # (..., out)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankmoe_peft import RankMoEConfig, route
 from rankmoe_peft.functional import gate_floor
+from rankmoe_peft.layer import FUSE_MIN_INPUT
 from helpers import MLP, reference_expert, reference_gates, reference_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -130,14 +131,16 @@ def test_peaked_router_sends_no_denormal_through_any_op(router, top_k, discretiz
     torch.testing.assert_close(fast, reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
 
 
-def test_peaked_router_gradients_match_reference():
-    """The zeroed gates drop gradient terms smaller than the floor: the gradients equal a plain-softmax reference."""
+@pytest.mark.parametrize("tokens", [7, FUSE_MIN_INPUT // 12 + 1], ids=["two-matmuls", "fused"])
+def test_peaked_router_gradients_match_reference(tokens):
+    """The zeroed gates drop gradient terms smaller than the floor: the gradients equal a plain-softmax reference,
+    on both forms of the training path."""
     layer = peaked_layer()
     A, B = layer.rankmoe_A["default"], layer.rankmoe_B["default"]
     router, scaling = layer.rankmoe_router["default"], layer.scaling["default"]
     ranks = layer.rankmoe_rank["default"].tolist()
-    x = torch.randn(3, 7, 12, requires_grad=True)
-    upstream = torch.randn(3, 7, 12)
+    x = torch.randn(1, tokens, 12, requires_grad=True)
+    upstream = torch.randn(1, tokens, 12)
     (layer(x) * upstream).sum().backward()
     got = [t.grad.clone() for t in (x, A, B, router.weight, router.bias)]
 
@@ -153,13 +156,16 @@ def test_peaked_router_gradients_match_reference():
         torch.testing.assert_close(mine.double(), ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_training_path_runs_router_and_experts_in_one_matmul():
+@pytest.mark.parametrize("tokens, training_matmuls", [(5, 4), (FUSE_MIN_INPUT // 12 + 1, 3)], ids=["small", "large"])
+def test_router_and_experts_share_one_matmul(tokens, training_matmuls):
     layer = peaked_layer(std=0.5)
-    x = torch.randn(2, 5, 12, requires_grad=True)
+    x = torch.randn(1, tokens, 12, requires_grad=True)
     watch = DenormalWatch()
     with watch:
-        layer(x)
-    assert watch.matmuls == 3  # base layer, [A columns | router] together, B
+        out = layer(x)
+    # base layer, [A columns | router] together (separately for small inputs), B
+    assert watch.matmuls == training_matmuls
+    torch.testing.assert_close(out.detach(), reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
     watch = DenormalWatch()
     with torch.no_grad(), watch:
         layer(x)
