@@ -118,9 +118,12 @@ class UniSTDConfig(PretrainedConfig):
             of the decoder's last stage, so fine detail need not pass through the H' x W' tokens.
         loss_l1_weight: weight of an L1 term added to the MSE training loss (`modules.forecast_loss`); 0 is the
             paper's plain MSE. The L1 term keeps the background exact and edges sharp where MSE alone settles on a
-            blurred mean.
+            blurred mean (moving_digits, 256 batches: SSIM 0.62 against copy-last-frame's 0.57; MSE alone after 128
+            batches: 0.24), but under uncertainty its minimum is "nothing there": far-ahead digits fade.
         loss_gdl_weight: weight of a gradient difference term (Mathieu et al. 2016; `modules.image_gradient_difference`)
             added to the training loss: it asks for spatial edges as strong as the target's; 0 leaves it out.
+            Measured on moving_digits (256 batches, one seed): with L1 it moved SSIM 0.619 -> 0.632 but PSNR
+            13.91 -> 13.38; alone (with MSE) it kept the grey halo (SSIM 0.07). Neither stops digits fading.
         pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
             in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
             backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
