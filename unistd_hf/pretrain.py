@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from .atomic import TRAINER_STATE, check_writable, latest_checkpoint, write_atomically, write_checkpoint
 from .modules import sincos_2d_position_encoding
 
 __all__ = [
@@ -76,7 +77,6 @@ PACKAGED_BACKBONE = "unistd-hf/clip-mae-tiny"
 PACKAGED_BACKBONE_DIR = Path(__file__).resolve().parent / "pretrained" / "clip-mae-tiny"
 CHECKSUM_FILE = "SHA256SUMS"
 CHECKSUMMED_FILES = ("config.json", "model.safetensors")
-CHECKPOINT_PREFIX = "step-"
 # Added to a patch's pixel variance (pixels in [0, 1]) before normalising: keeps flat patches from turning
 # 8-bit quantisation noise into unit-variance targets.
 NORM_PIX_EPS = 1e-4
@@ -736,51 +736,20 @@ def validate_arguments(args: PretrainArguments) -> None:
                 f"output_dir {str(output)!r} holds a different run ({{argument: (recorded, now)}} = {diff}); "
                 "use another --output_dir or --overwrite_output_dir"
             )
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"output_dir {str(output)!r} is not writable: {error}") from error
+    check_writable(output)
 
 
 def defining_arguments(args: PretrainArguments) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(args).items() if k not in NON_DEFINING_ARGS and k != "output_dir"}
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").exists()]
-    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-
-
 def save_checkpoint(accelerator: Any, args: PretrainArguments, state: dict[str, Any]) -> Path:
-    folder = Path(args.output_dir) / "checkpoints"
-    target = folder / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
-    tmp = folder / f".tmp-{target.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    # every process writes its part into the same temporary folder (so not `write_atomically`, whose temporary name
-    # is per process); model: safetensors; optimizer/scheduler/RNG: torch.save, as Accelerate does
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # the checkpoint appears complete or not at all
-        kept = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: p.name)
-        for old in kept[: -args.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return target
+    write_main = lambda tmp: (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))  # noqa: E731
+    return write_checkpoint(accelerator, args.output_dir, state["step"], args.keep_checkpoints, write_main)
 
 
 def save_backbone_folder(encoder: CLIPVisionModel, target: Path) -> dict[str, str]:
     """`save_pretrained` (config.json + model.safetensors) and SHA256SUMS, written atomically; returns the sums."""
-    from .atomic import write_atomically
-
     clean = CLIPVisionModel._from_config(encoder.config)
     clean.load_state_dict(encoder.state_dict(), strict=True)
     sums: dict[str, str] = {}
@@ -958,6 +927,7 @@ def pretrain(args: PretrainArguments, command: str | None = None) -> dict[str, A
     train_pool, heldout_pool = image_pools(args)
     resume = latest_checkpoint(output) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
         (output / "run_args.json").write_text(json.dumps(defining_arguments(args), indent=1))
         if not resume:  # a fresh start replaces what an earlier start of this run left
             shutil.rmtree(output / "checkpoints", ignore_errors=True)

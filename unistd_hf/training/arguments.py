@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from rankmoe_peft import RankMoEConfig, RankSearch
 from rankmoe_peft.config import ROUTERS
 
+from ..atomic import check_writable
 from ..baselines import METHODS
 from ..configuration_unistd import GATE_MODES
 from ..data import list_tasks
@@ -210,16 +210,6 @@ def parse_task_options(value: str | dict | None, tasks: list[str]) -> dict[str, 
     if unknown:
         raise ValueError(f"--task_options names task(s) {unknown} that are not in --tasks {tasks}")
     return value
-
-
-def check_writable(folder: Path) -> None:
-    """The folder, or the nearest existing folder above it, must be a writable folder (checked without writing)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "a file" if existing.exists() and not existing.is_dir() else "not writable"
-        raise ValueError(f"output_dir {str(folder)!r} is not writable: {str(existing)!r} is {what}")
 
 
 def parse_clip_counts(text: str) -> dict[str, int]:

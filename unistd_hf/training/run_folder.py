@@ -19,9 +19,8 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from ..atomic import write_text_atomically
+from ..atomic import TRAINER_STATE, latest_checkpoint, write_text_atomically
 from .arguments import TrainingArguments
-from .checkpointing import TRAINER_STATE, latest_checkpoint
 
 __all__ = ["RUN_FILE", "MAY_CHANGE_ON_RESUME", "run_identity", "prepare_run_folder"]
 
