@@ -206,3 +206,43 @@ def test_bfloat16_layer_has_no_denormals_and_keeps_its_dtype():
     assert out.dtype == torch.bfloat16 and watch.hits == []
     reference = reference_layer(layer.float(), x.detach().float())
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+def fake_run(lora: float, moe: float, load: float = 0.5) -> dict:
+    names = ["(a) LoRA r=8", "(b) RankMoE, default init"]
+    return {
+        "train": dict(zip(names, [lora, moe])), "infer": dict(zip(names, [lora / 2, moe / 2])),
+        "memory": dict(zip(names, [2**20, 2**21])), "trainable": dict(zip(names, [10, 20])),
+        "load": [[load, load, load], [load, load, load]],
+    }
+
+
+def test_benchmark_reports_median_and_spread_and_flags_unstable_ratios():
+    import bench_layers
+
+    args = bench_layers.parse_args(["--preset", "tiny", "--runs", "3"])
+    steady = [fake_run(1.0, 1.02), fake_run(2.0, 2.05), fake_run(1.5, 1.53)]  # ratios 1.02, 1.025, 1.02
+    text, wide = bench_layers.table(args, steady)
+    assert wide == []
+    assert "| (b) RankMoE, default init | 1530.00 | 1.020 [1.020-1.025] |" in text
+    assert "0.50->0.50" in text  # the load seen by each run is printed with the figures
+    shaky = steady[:2] + [fake_run(1.0, 1.20, load=3.0)]  # one run 18% off: too noisy to publish
+    text, wide = bench_layers.table(args, shaky)
+    assert len(wide) == 2 and all("(b) RankMoE" in line for line in wide)  # train and inference ratios
+    assert "3.00->3.00" in text
+
+
+def test_benchmark_refuses_to_write_results_from_unstable_runs(monkeypatch, capsys):
+    import bench_layers
+
+    runs = iter([fake_run(1.0, 1.02), fake_run(2.0, 2.05), fake_run(1.0, 1.20)])
+    monkeypatch.setattr(bench_layers, "run_in_fresh_process", lambda index: next(runs))
+    monkeypatch.setattr(bench_layers, "write_section", lambda *a, **k: pytest.fail("docs/RESULTS.md was written"))
+    monkeypatch.setattr(sys, "argv", ["bench_layers.py", "--preset", "tiny", "--runs", "3"])
+    with pytest.raises(SystemExit) as stopped:
+        bench_layers.main()
+    assert stopped.value.code == 3
+    assert "not written to docs/RESULTS.md" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["bench_layers.py", "--preset", "tiny", "--runs", "2"])
+    with pytest.raises(SystemExit, match="3 or more runs"):
+        bench_layers.main()
