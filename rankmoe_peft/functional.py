@@ -65,9 +65,9 @@ def gate_floor(dtype: torch.dtype) -> float:
     backward. A process-wide flush-to-zero flag would change a user's other code, so the gates avoid them. A gate
     kept at >= sqrt(tiny) times any value >= sqrt(tiny) stays a normal float, and a dropped gate changes the
     output by less than `num_experts * floor` relative to its largest term, far below the dtype's rounding
-    (eps**2 bounds the floor). float16's range is too narrow for that margin (sqrt(tiny) = 7.8e-3 > eps**2): there the floor is its
-    tiny (6.1e-5), so gates are normal but products may still be subnormal (float16 runs on GPUs, where subnormals
-    cost nothing).
+    (eps**2 bounds the floor). float16's range is too narrow for that margin (sqrt(tiny) = 7.8e-3 > eps**2):
+    there the floor is its tiny (6.1e-5), so gates are normal but products may still be subnormal (float16 runs
+    on GPUs, where subnormals cost nothing).
     """
     info = torch.finfo(dtype)
     floor = math.sqrt(info.tiny)
