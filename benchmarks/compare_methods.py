@@ -5,7 +5,7 @@
 
 Every method sees the same batches of each task: the loop's round-robin schedule over the same clips, epochs and
 batch size (`batches_per_task` in each report is asserted equal across methods). SimVP/TAU hold one model per task
-inside one `ReferenceModel`; their translator width is chosen so that the four models together have about as many
+inside one `ReferenceModel`; their translator sizes are chosen so that the four models together have about as many
 trainable parameters as the UniSTD model (the table prints both). Per task: MSE, PSNR, SSIM (Gaussian window),
 `ssim_openstl` (OpenSTL's setting) and copy-last-frame; mean and spread (half the range) over the seeds; wall time.
 """
@@ -34,8 +34,9 @@ RAW = RESULTS.parent / "compare_methods.json"
 def run_one(method: str, seed: int, output: Path, args: argparse.Namespace) -> dict:
     from unistd_hf.training import TrainingArguments, train
 
-    flags = dict(method=method, seed=seed, output_dir=str(output), epochs=args.epochs, cache_dir=args.cache_dir,
-                 translator_channels=args.translator_channels, translator_depth=args.translator_depth)
+    flags = dict(method=method, seed=seed, output_dir=str(output), epochs=args.epochs, cache_dir=args.cache_dir)
+    if method != "unistd":
+        flags["translator_channels"], flags["translator_depth"] = getattr(args, f"{method}_size")
     if args.num_train:
         flags["num_train"] = args.num_train
     started = time.time()
@@ -110,8 +111,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every run (the default run's)")
     parser.add_argument("--num_train", type=int, default=0, help="training clips per task (0: the default run's)")
-    parser.add_argument("--translator_channels", type=int, default=32, help="hid_T of SimVP/TAU")
-    parser.add_argument("--translator_depth", type=int, default=2, help="N_T of SimVP/TAU")
+    parser.add_argument("--simvp_size", type=int, nargs=2, default=[32, 2], metavar=("HID_T", "N_T"),
+                        help="SimVP's translator (default: 0.51M parameters over the four tasks)")
+    parser.add_argument("--tau_size", type=int, nargs=2, default=[32, 4], metavar=("HID_T", "N_T"),
+                        help="TAU's translator (default: 0.52M parameters over the four tasks)")
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--write-docs", dest="write_docs", action="store_true",
                         help="write the table into docs/RESULTS.md, the picture and the raw numbers into docs/")
