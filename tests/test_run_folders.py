@@ -85,3 +85,28 @@ def test_task_options_reach_the_loaders(data_cache):
     args = parse_training_arguments(RUN + ["--cache_dir", data_cache, "--task_options", '{"moving_digits": {"num_test": 3}}'])
     tasks = load_tasks(args, Accelerator(cpu=True))
     assert len(tasks["moving_digits"].test) == 3 and len(tasks["city_traffic"].test) == 8
+
+
+def test_training_accepts_a_streamed_task(tmp_path, data_cache, capsys):
+    """A loader's streaming form (an IterableDatasetDict) trains: the loop writes it once into the cache."""
+    import datasets
+    import torch
+
+    from test_data_paper import _write_sevir
+    from unistd_hf.data import load_task
+    from unistd_hf.training.schedule import random_access
+
+    files = {"vil/2018/SEVIR_VIL_RANDOMEVENTS_2018_0101_0430.h5": [f"2018-01-{d:02d} 00:00:00" for d in range(1, 9)],
+             "vil/2019/SEVIR_VIL_RANDOMEVENTS_2019_0101_0430.h5": ["2019-03-01 00:00:00", "2019-09-01 00:00:00"]}
+    _write_sevir(tmp_path, files, size=64)
+    stream = load_task("sevir", data_dir=str(tmp_path), streaming=True)["train"]
+    assert isinstance(stream, datasets.IterableDataset)
+    built = load_task("sevir", data_dir=str(tmp_path), cache_dir=data_cache)["train"]
+    written = random_access(stream, data_cache).with_format("torch")
+    assert len(written) == len(built) == 24
+    assert torch.equal(written[5]["inputs"], built.with_format("torch")[5]["inputs"])
+
+    code, err = run(tmp_path / "run", data_cache, "--tasks", "sevir", "--num_train_per_task", "", "--data_dir",
+                    str(tmp_path), "--task_options", '{"sevir": {"streaming": true}}', capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["batches_per_task"] == {"sevir": 4}

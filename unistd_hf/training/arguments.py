@@ -100,10 +100,10 @@ class TrainingArguments:
         },
     )
     finetune_backbone: bool = field(default=False, metadata={"help": "Train the whole backbone (with adapter='none')."})
-    num_experts: int = field(default=6, metadata={"help": "Experts on q/k/v."})
+    num_experts: int = field(default=_RANKMOE_DEFAULTS["num_experts"], metadata={"help": "Experts on q/k/v."})
     out_proj_experts: int = field(default=2, metadata={"help": "Experts on out_proj and the temporal adapters."})
-    max_rank: int = field(default=8, metadata={"help": "Largest rank per expert."})
-    init_rank: float = field(default=4.5, metadata={"help": "Initial rank per expert."})
+    max_rank: int = field(default=_RANKMOE_DEFAULTS["max_rank"], metadata={"help": "Largest rank per expert."})
+    init_rank: float = field(default=_RANKMOE_DEFAULTS["init_rank"], metadata={"help": "Initial rank per expert."})
     rank_budget: float | None = field(default=None, metadata={"help": "C; None: the initial total rank."})
     budget_weight: float = field(default=_RANKMOE_DEFAULTS["budget_weight"], metadata={"help": "beta of beta * |C - sum(ranks)|."})
     rank_grad_scale: float = field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -37,9 +38,25 @@ class TaskData:
         return self.spec.name
 
 
-def task_data(name: str, data: Any) -> TaskData:
-    """`TaskData` of a `DatasetDict` returned by `load_task(name, ...)`."""
-    return TaskData(spec_for(name, data), get_task(name), data["train"].with_format("torch"), data["test"].with_format("torch"))
+def task_data(name: str, data: Any, cache_dir: str | None = None) -> TaskData:
+    """`TaskData` of what `load_task(name, ...)` returned, a `DatasetDict` or (streaming=True) an `IterableDatasetDict`."""
+    train, test = (random_access(data[split], cache_dir).with_format("torch") for split in ("train", "test"))
+    return TaskData(spec_for(name, train), get_task(name), train, test)
+
+
+def random_access(split: Any, cache_dir: str | None = None) -> datasets.Dataset:
+    """The loop reads clips by index (per-process shards, a resume that skips done batches exactly), so a streamed
+    split is written once into the `datasets` cache, one writer batch at a time: memory stays bounded, and a
+    second run with the same stream reuses the cache."""
+    if not isinstance(split, datasets.IterableDataset):
+        return split
+    return datasets.Dataset.from_generator(
+        _rows, features=split.features, gen_kwargs={"stream": split.with_format(None)}, cache_dir=cache_dir
+    )
+
+
+def _rows(stream: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    yield from stream
 
 
 def load_tasks(args: TrainingArguments, accelerator: Accelerator) -> dict[str, TaskData]:
@@ -53,7 +70,7 @@ def load_tasks(args: TrainingArguments, accelerator: Accelerator) -> dict[str, T
                            num_test=args.num_test)
         options.update(task_options.get(name, {}))
         with accelerator.main_process_first():  # one process generates, the others read the cache
-            tasks[name] = task_data(name, load_task(name, data_dir=args.data_dir, seed=args.seed, **options))
+            tasks[name] = task_data(name, load_task(name, data_dir=args.data_dir, seed=args.seed, **options), args.cache_dir)
     return tasks
 
 
