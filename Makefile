@@ -46,7 +46,7 @@ test-slow: install
 
 test-all: test test-slow
 
-## Train one model jointly on the four synthetic tasks (about 6 minutes on 2 CPU cores); TRAIN_ARGS adds flags.
+## Train one model jointly on the four synthetic tasks (under 10 minutes on 2 CPU cores); TRAIN_ARGS adds flags.
 TRAIN_ARGS ?=
 TRAIN_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 train: install

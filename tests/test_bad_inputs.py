@@ -45,7 +45,7 @@ CLI_ROWS = [
     (["--rank_learning_rate", "-0.05"], "--rank_learning_rate must be > 0"),
     (["--rank_momentum", "1.0"], "--rank_momentum must lie in [0, 1)"),
     (["--init_rank", "9"], "--init_rank must lie in [0, --max_rank=8], got 9"),
-    (["--rank_grad_scale=-1e5"], "--rank_grad_scale must be >= 0"),
+    (["--rank_grad_scale=-1e5"], "--rank_grad_scale must be > 0"),
     (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
     (["--rank_budget", "-3"], "--rank_budget must be >= 0"),
     (["--num_train_per_task", "city_traffic=0"], "'city_traffic=0'"),

@@ -163,13 +163,13 @@ def validate_arguments(args: TrainingArguments) -> None:
                     "keep_checkpoints", "log_every", "num_experts", "out_proj_experts", "translator_channels",
                     "translator_depth"),
                 0: ("num_validation", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
-                    "weight_decay", "budget_weight", "rank_grad_scale", "fail_at_step", "loss_l1_weight",
+                    "weight_decay", "budget_weight", "fail_at_step", "loss_l1_weight",
                     "loss_gdl_weight")}
     for low, names in at_least.items():
         for name in names:
             if getattr(args, name) < low:
                 raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
-    positive = ("learning_rate", "rank_learning_rate", "temperature")  # divisors or step sizes
+    positive = ("learning_rate", "rank_learning_rate", "temperature", "rank_grad_scale")  # divisors, step sizes, gamma
     for name in positive:
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
