@@ -106,6 +106,24 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def reading(results: dict[str, list[dict]]) -> str:
+    """One line per task, computed: each reference method's PSNR/SSIM against UniSTD's, with the seeds' spread; a
+    difference within the summed spreads is reported as none."""
+    lines = []
+    for task in results["unistd"][0]["tasks"]:
+        parts = []
+        for metric, unit in (("psnr", " dB"), ("ssim", "")):
+            values = {m: np.array([r["tasks"][task]["model"][metric] for r in reports]) for m, reports in results.items()}
+            spread = {m: (v.max() - v.min()) / 2 for m, v in values.items()}
+            for method in ("simvp", "tau"):
+                diff = values[method].mean() - values["unistd"].mean()
+                noise = spread[method] + spread["unistd"]
+                verdict = "no difference" if abs(diff) <= noise else ("better" if diff > 0 else "worse")
+                parts.append(f"{method} {metric} {diff:+.3g}{unit} ({verdict}, spread {noise:.2g})")
+        lines.append(f"- {task}: " + "; ".join(parts))
+    return "Against UniSTD, per task (reference minus UniSTD, mean over seeds):\n" + "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -116,10 +134,16 @@ def main() -> int:
     parser.add_argument("--tau_size", type=int, nargs=2, default=[32, 4], metavar=("HID_T", "N_T"),
                         help="TAU's translator (default: 0.52M parameters over the four tasks)")
     parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--from-json", dest="from_json", default=None,
+                        help="render the tables from a saved docs/compare_methods.json instead of training")
     parser.add_argument("--write-docs", dest="write_docs", action="store_true",
                         help="write the table into docs/RESULTS.md, the picture and the raw numbers into docs/")
     args = parser.parse_args()
 
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        print(table(results) + "\n\n" + reading(results))
+        return 0
     from unistd_hf.data import load_task
 
     results: dict[str, list[dict]] = {m: [] for m in METHODS}
@@ -140,7 +164,7 @@ def main() -> int:
                     flush=True)
     counts = {m: r[0]["batches_per_task"] for m, r in results.items()}
     assert len({json.dumps(c, sort_keys=True) for c in counts.values()}) == 1, f"unequal exposure per task: {counts}"
-    body = table(results)
+    body = table(results) + "\n\n" + reading(results)
     print(body)
     if args.write_docs:
         picture(clips, truth, PICTURE)
