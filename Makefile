@@ -32,13 +32,13 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-peft-min
 
-## The rankmoe tests again with the oldest supported peft, installed beside the venv (not into it).
+## The rankmoe_peft tests again with the oldest supported peft, installed beside the venv (not into it).
 .peft-min-$(PEFT_MIN)/peft: | install
 	$(BIN)/python -m pip install --quiet --no-deps --target .peft-min-$(PEFT_MIN) peft==$(PEFT_MIN)
 
 test-peft-min: .peft-min-$(PEFT_MIN)/peft
 	PYTHONPATH=$(CURDIR)/.peft-min-$(PEFT_MIN) $(BIN)/python -c "import peft; assert peft.__version__ == '$(PEFT_MIN)', peft.__version__; print('peft', peft.__version__)"
-	PYTHONPATH=$(CURDIR)/.peft-min-$(PEFT_MIN) $(BIN)/python -m pytest tests/test_rankmoe.py $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR)/.peft-min-$(PEFT_MIN) $(BIN)/python -m pytest tests/test_rankmoe.py tests/test_rankmoe_perf.py tests/test_backbones.py tests/test_search.py $(PYTEST_ARGS)
 
 ## Slow tests: end-to-end training runs, two processes, kill and resume.
 test-slow: install

@@ -15,7 +15,8 @@ __all__ = ["RankMoEModel", "DEFAULT_TARGET_MODULES"]
 
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # SigLIP's vision head holds an nn.MultiheadAttention whose `out_proj` it reads as a bare weight: only the encoder
-_SIGLIP_ATTENTION = r".*encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+# layers' self-attention is adapted. Name suffixes, not a regex: peft 0.18 turns a mapped string into a set of letters.
+_SIGLIP_ATTENTION = [f"self_attn.{name}" for name in _ATTENTION]
 # Module names of the installed transformers 5.x (checked by tests/test_backbones.py on tiny configs); keys are
 # `config.model_type`. The attention projections (q, k, v, out), as UniSTD adapts them.
 DEFAULT_TARGET_MODULES = {
