@@ -42,13 +42,14 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import rankmoe_peft  # noqa: F401  (registers "rankmoe")
 from rankmoe_peft import RankMoEConfig
+from unistd_hf.peft_integration import PROJECTIONS, expert_pattern
 
 try:
     from _results import write_section
 except ImportError:  # run as a module
     from benchmarks._results import write_section
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TARGETS = list(PROJECTIONS)
 PRESETS = {
     "vit-b16": dict(width=768, heads=12, mlp=3072, tokens=256, layers=4, batch=2),
     "tiny": dict(width=32, heads=4, mlp=64, tokens=16, layers=2, batch=2),
@@ -71,7 +72,7 @@ def build_variants(args) -> dict[str, torch.nn.Module]:
         (True, ("(b) RankMoE, default init", "(c) RankMoE discretized, default init")),
         (False, ("(d) RankMoE, init_weights=False", "(e) RankMoE discretized, init_weights=False")),
     ):
-        moe_config = dict(target_modules=TARGETS, num_experts=6, num_experts_pattern={"out_proj": 2}, max_rank=8,
+        moe_config = dict(target_modules=TARGETS, num_experts=6, num_experts_pattern={"out_proj": expert_pattern()["out_proj"]}, max_rank=8,
                           init_rank=4.5, router="token", init_weights=init_weights)
         torch.manual_seed(1)
         variants[searching] = get_peft_model(copy.deepcopy(base), RankMoEConfig(**moe_config))

@@ -65,7 +65,10 @@ try:
 except ImportError:  # run as a module
     from benchmarks._results import write_section
 
-TASKS = ["moving_digits", "city_traffic", "rain_nowcast", "robot_shapes"]
+from unistd_hf.data import list_tasks  # noqa: E402
+from unistd_hf.peft_integration import MODULE_KINDS  # noqa: E402
+
+TASKS = list_tasks(synthetic=True)
 JSON_PATH = ROOT / "docs" / "study_joint.json"
 
 # name -> (label, TrainingArguments overrides, one model per task?)
@@ -78,7 +81,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "joint_full_ft": ("joint, backbone fine-tuned", {"adapter": "none", "finetune_backbone": True}, False),
 }
 BASELINE_LABEL = "copy-last-frame"
-KINDS = ("q_proj", "k_proj", "v_proj", "out_proj", "temporal_moe")
+KINDS = MODULE_KINDS
 
 
 # ---------------------------------------------------------------------------------------------------------------------
