@@ -100,6 +100,13 @@ def get_unistd_peft_model(
     return peft.get_peft_model(model, rankmoe_config, adapter_name=adapter_name)
 
 
+def names_a_path(name: str | Path) -> bool:
+    """Whether a backbone or adapter name is a file-system path rather than a hub id (`owner/name`): it exists,
+    starts with `.`, `/` or `~`, or has more than one `/`."""
+    text = str(name)
+    return Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
 def portable_backbone(config: UniSTDConfig) -> str | None:
     """The name an adapter should record for `config.backbone`, or None when the backbone must be saved beside it.
 
@@ -116,7 +123,7 @@ def portable_backbone(config: UniSTDConfig) -> str | None:
     path = Path(backbone).expanduser()
     if path.exists():
         return PACKAGED_BACKBONE if path.resolve() == PACKAGED_BACKBONE_DIR.resolve() else None
-    if backbone == SAVED_BACKBONE or backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:
+    if backbone == SAVED_BACKBONE or names_a_path(backbone):
         return None  # a folder that is gone: the weights the model holds are saved instead
     return backbone  # a hub id
 
@@ -212,12 +219,10 @@ def load_unistd_peft_model(
 def _adapter_folder(repo_or_dir: str | Path, revision: str | None = None) -> Path:
     """The local folder of an adapter: checked if it looks local, else a hub repo id downloaded whole."""
     folder = Path(repo_or_dir).expanduser()
-    text = str(repo_or_dir)
-    looks_local = folder.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
-    if not looks_local:
+    if not names_a_path(repo_or_dir):
         import huggingface_hub  # looked up at call time, so tests can intercept snapshot_download
 
-        folder = Path(huggingface_hub.snapshot_download(repo_id=text, revision=revision))
+        folder = Path(huggingface_hub.snapshot_download(repo_id=str(repo_or_dir), revision=revision))
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"adapter folder {str(folder)!r} lacks {missing}; expected a folder written by "

@@ -1,4 +1,4 @@
-"""Everything a run writes that must survive a crash: one atomic writer, and the training checkpoints.
+"""The training loop's checkpoints: what it adds to the shared checkpoint writer (`unistd_hf/atomic.py`), and the restore.
 
 A checkpoint folder `checkpoints/step-NNNNNNNN/` holds Accelerate's state (model weights as safetensors, optimizer
 and RNG states), the rank search (`rank_search.safetensors` + `.json`), the scheduler (`scheduler.json`) and

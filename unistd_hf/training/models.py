@@ -14,10 +14,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from ..baselines import build_reference_model
 from ..configuration_unistd import TaskSpec, UniSTDConfig
 from ..modeling_unistd import UniSTDModel
-from ..peft_integration import default_rankmoe_config, expert_pattern, get_unistd_peft_model
-from ..pretrain import PACKAGED_BACKBONE, resolve_backbone, sha256_of
-from .arguments import RANDOM_BACKBONE, TrainingArguments
 from ..atomic import write_atomically
+from ..peft_integration import default_rankmoe_config, expert_pattern, get_unistd_peft_model, names_a_path
+from ..pretrain import CHECKSUM_FILE, PACKAGED_BACKBONE, read_checksums, resolve_backbone, sha256_of
+from .arguments import RANDOM_BACKBONE, TrainingArguments
 
 __all__ = ["resolve_run_backbone", "build_model", "weight_parameters", "parameter_fingerprint"]
 
@@ -34,15 +34,18 @@ def resolve_run_backbone(args: TrainingArguments) -> tuple[str | CLIPVisionModel
             num_hidden_layers=args.backbone_layers, num_attention_heads=args.backbone_heads,
         ))
         return clip, parameter_fingerprint(clip)
-    source = resolve_backbone(args.backbone)
-    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+    source = resolve_backbone(args.backbone)  # verifies a folder's SHA256SUMS, if it has one
+    if not Path(source).exists() and names_a_path(source):
         raise ValueError(f"--backbone {args.backbone!r}: no such folder (expected a CLIP checkpoint folder, a hub id "
                          f"like openai/clip-vit-base-patch16, or {RANDOM_BACKBONE!r})")
     weights = Path(source) / "model.safetensors"
     if Path(source).exists() and not weights.is_file():
         raise ValueError(f"--backbone {args.backbone!r}: {str(weights)!r} does not exist; expected a CLIP checkpoint "
                          "folder written by save_pretrained (config.json + model.safetensors)")
-    return source, sha256_of(weights) if weights.is_file() else None
+    if not weights.is_file():
+        return source, None  # a hub id
+    recorded = read_checksums(source) if (Path(source) / CHECKSUM_FILE).is_file() else {}
+    return source, recorded.get(weights.name) or sha256_of(weights)  # just verified: no second pass over the file
 
 
 def build_model(
