@@ -1,45 +1,44 @@
-"""Does one jointly trained UniSTD model hold up against one model per task? Ablations of the full method.
+"""The paper's four claims, compute-fair, with a control that removes the Transformer.
 
-On the four synthetic tasks (moving_digits, city_traffic, rain_nowcast, robot_shapes), every row is trained by
-`unistd_hf.training.train` with the same seed(s), the same hyperparameters and the same number of optimizer
-steps (`--max_steps`, one batch = one task = one step):
+Every row is trained by `unistd_hf.training.train` on the four synthetic tasks (moving_digits, city_traffic,
+rain_nowcast, robot_shapes) at **equal exposure per task**: each row sees `--batches_per_task` batches of every
+task (the joint models 4x that in total, round-robin; a single-task model that many of its one task, so it costs
+4x less than a joint row). Rows (`ROWS`; what each answers):
 
-  single-task, full method   one model per task; EACH of the four models gets the full --max_steps steps
-                             (so every single-task model sees 4x the batches of its task that the joint
-                             model does, and the four together cost 4x the joint compute: the generous
-                             baseline that "lossless joint training" has to match)
-  joint, full method         RankMoE experts (6 on q/k/v, 2 on out_proj and the temporal adapters),
-                             rank search for the first half of the steps, temporal adapters
-  joint, plain LoRA          adapter "lora": one expert at fixed rank 8 (= LoRA) on q/k/v/out
-  joint, fixed-rank experts  adapter "fixed_rank": the same experts, ranks fixed (no search)
-  joint, no temporal adapter the full method without the temporal adapters
-  joint, backbone fine-tuned adapter "none" with finetune_backbone=True (the whole CLIP backbone trained)
-  copy-last-frame            the baseline every report carries (identical in all rows of a seed)
+  joint                   joint UniSTD, full method (RankMoE + rank search + temporal adapter), pretrained backbone
+  single                  one full-method model per task                  claim 1: joint ~ single-task
+  joint_no_transformer    heads only: same encoders, decoders, residual   control: does the shared part earn its cost
+  joint_no_adapter        frozen backbone, no adapter (heads + temporal)  do the experts earn their parameters
+  joint_lora              one expert at rank 8 (= LoRA)                   claim 2: rank-adaptive experts > LoRA
+  joint_fixed_rank        the experts at fixed rank, no search            claim 2: the search itself
+  joint_no_temporal       the full method without temporal adapters       claim 3: the temporal adapter
+  joint_random_backbone   the full method on a random CLIP of the same shape   claim 4: pretraining (Table 5)
+  simvp, tau              SimVP / TAU, one model per task, same loop      the paper's baselines (Table 2)
+  joint_full_ft           backbone fine-tuned, no adapter (not run by default)
+  copy-last-frame         the floor, in every report
 
-The rank search covers the same fraction of steps in every row that has one (`--search_fraction`, 0.5 by
-default): the script sets `epochs` and `rank_search_epochs` per row from the batches per epoch (4x more in
-the joint model than in a single-task one), so both search for the same number of steps. Seeds change the
-data, the random backbone, the initialisation and the task order; each seed's rows share all of them.
+The backbone is the pretrained one shipped with the package (`unistd-hf/clip-mae-tiny`, docs/PRETRAINING.md) unless
+`--backbone` names another; the random-backbone row gets a random CLIP of exactly its shape. The rank search covers
+the first `--search_fraction` of the epochs, the same number of batches per task in single-task and joint models.
+Every run evaluates its validation clips `--curve_points` times: the curves (mean over seeds) go to
+`docs/study_joint_curves.png`, so a reader sees whether training has flattened. Seeds change data, initialisation,
+random backbone and task order; a seed's rows share all of them.
 
-Reported per task: MSE, PSNR, SSIM (and CSI, averaged over the six SEVIR VIL thresholds, for rain_nowcast),
-the copy-last-frame baseline, trainable parameters and wall time, as mean +- sample std over the seeds;
-plus the final rank pattern of the joint full method (total rank per module kind and per layer). The tables
-are printed; with --write-docs they are also written to docs/RESULTS.md (section "study_joint") and all raw
-numbers to docs/study_joint.json (without it the raw numbers go to OUTPUT_DIR/study_joint.json and docs/ is left
-alone, so running the script never overwrites the published results by accident).
-Each run leaves its own folder under --output_dir (report.json, pictures, adapter).
+Reported per task: MSE, PSNR, SSIM, ssim_openstl (and CSI, mean over the six SEVIR VIL thresholds, for rain_nowcast),
+trainable parameters and wall time, mean ± sample std over seeds; final ranks of the full method; and findings per
+claim computed from the numbers: a difference within the spread (the sum of the two rows' seed std) is reported as
+no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
+docs/study_joint.json and the curves to docs/study_joint_curves.png; without it, everything stays in --output_dir.
 
-    python benchmarks/study_joint.py                          # default size, 2 seeds, ~45 min on 2 CPU cores
-    python benchmarks/study_joint.py --write-docs             # the same, and update docs/RESULTS.md + docs/study_joint.json
-    python benchmarks/study_joint.py --tiny                   # smoke test, a few minutes
-    python benchmarks/study_joint.py --scale 8 --device auto  # GPU: 8x steps and data, a bigger backbone
-    python benchmarks/study_joint.py --rows joint joint_lora --seeds 0 1 2
+    python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study, ~2 h on 2 CPU cores
+    python benchmarks/study_joint.py --tiny                    # smoke test, a few minutes
+    python benchmarks/study_joint.py --scale 8 --device auto --backbone openai/clip-vit-base-patch16  # a GPU
+    python benchmarks/study_joint.py --rows joint joint_no_transformer --seeds 0 1 2
     python benchmarks/study_joint.py --from_json docs/study_joint.json --notes notes.md --write-docs  # re-render
 
-Runs execute in this process one after the other (each `train()` builds its own Accelerator and calls
-set_seed; the script checks nothing leaks by construction: it deletes a row's folder before running it, so
-no stale checkpoint or log is picked up). `--subprocess` runs each in a fresh Python process instead.
-`--reuse` keeps the report of a finished run whose arguments match, to finish an interrupted study.
+Runs execute one after the other in this process, or with `--jobs N` in N fresh Python processes side by side
+(`--threads` torch threads each). A run's folder is deleted before it starts (no stale checkpoint is picked up);
+`--reuse` keeps a finished run whose arguments match, to finish an interrupted study.
 """
 
 from __future__ import annotations
@@ -54,6 +53,8 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,87 +68,118 @@ except ImportError:  # run as a module
 
 from unistd_hf.data import list_tasks  # noqa: E402
 from unistd_hf.peft_integration import MODULE_KINDS  # noqa: E402
+from unistd_hf.pretrain import PACKAGED_BACKBONE  # noqa: E402
 
 TASKS = list_tasks(synthetic=True)
-JSON_PATH = ROOT / "docs" / "study_joint.json"
-
-# name -> (label, TrainingArguments overrides, one model per task?)
-ROWS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "single": ("single-task, full method", {"adapter": "rankmoe"}, True),
-    "joint": ("joint, full method", {"adapter": "rankmoe"}, False),
-    "joint_lora": ("joint, plain LoRA r=8", {"adapter": "lora", "max_rank": 8}, False),
-    "joint_fixed_rank": ("joint, fixed-rank experts", {"adapter": "fixed_rank"}, False),
-    "joint_no_temporal": ("joint, no temporal adapter", {"adapter": "rankmoe", "use_temporal_adapter": False}, False),
-    "joint_full_ft": ("joint, backbone fine-tuned", {"adapter": "none", "finetune_backbone": True}, False),
-}
+DOCS = ROOT / "docs"
 BASELINE_LABEL = "copy-last-frame"
-KINDS = MODULE_KINDS
+METRICS = ("mse", "psnr", "ssim", "ssim_openstl", "csi")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    per_task: bool = False  # one run per task (single-task models); else one run on all tasks
+    default: bool = True
+
+
+FULL = {"adapter": "rankmoe"}
+ROWS: dict[str, Row] = {
+    "joint": Row("joint, full method", FULL),
+    "single": Row("single-task, full method", FULL, per_task=True),
+    "joint_no_transformer": Row("joint, no Transformer (heads only)",
+                                {"adapter": "none", "use_backbone": False, "use_temporal_adapter": False}),
+    "joint_no_adapter": Row("joint, frozen backbone, no adapter", {"adapter": "none"}),
+    "joint_lora": Row("joint, plain LoRA r=8", {"adapter": "lora", "max_rank": 8}),
+    "joint_fixed_rank": Row("joint, experts at fixed rank", {"adapter": "fixed_rank"}),
+    "joint_no_temporal": Row("joint, no temporal adapter", {**FULL, "use_temporal_adapter": False}),
+    "joint_random_backbone": Row("joint, random backbone", {**FULL, "backbone": "random"}),
+    "simvp": Row("SimVP, one model per task", {"method": "simvp"}),
+    "tau": Row("TAU, one model per task", {"method": "tau"}),
+    "joint_full_ft": Row("joint, backbone fine-tuned", {"adapter": "none", "finetune_backbone": True}, default=False),
+}
+DEFAULT_ROWS = [name for name, row in ROWS.items() if row.default]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sizes
+# Sizes and the arguments of each run
 
 
 def sizes(args: argparse.Namespace) -> dict[str, Any]:
-    """The shared TrainingArguments fields, after --tiny / --scale and explicit overrides."""
+    """The fields every run shares, after --tiny / --scale and explicit overrides."""
     if args.tiny:
-        base = {"backbone_width": 64, "backbone_layers": 2, "backbone_heads": 4, "hidden_channels": 8, "batch_size": 4,
-                    "num_train": 16, "num_test": 8, "max_steps": 16}
+        base = {"batches_per_task": 2, "num_train": 8, "batch_size": 4, "num_test": 4, "num_validation": 4,
+                "hidden_channels": 8, "curve_points": 2}
     else:
-        base = {"backbone_width": 96, "backbone_layers": 3, "backbone_heads": 4, "hidden_channels": 16, "batch_size": 8,
-                    "num_train": 160, "num_test": 32, "max_steps": 160}
-    s = args.scale
-    if s != 1:  # steps and data x s; width x s (heads of 64 channels), layers x s up to 12; C' doubled
-        base["max_steps"] *= s
-        base["num_train"] *= s
-        base["num_test"] = min(base["num_test"] * s, 200)
-        base["backbone_width"] = int(base["backbone_width"] * s) // 32 * 32 or 32
-        base["backbone_heads"] = max(base["backbone_width"] // 64, 1)
-        base["backbone_layers"] = min(base["backbone_layers"] * s, 12)
-        base["hidden_channels"] = base["hidden_channels"] * (2 if s >= 2 else 1)
+        base = {"batches_per_task": 256, "num_train": 512, "batch_size": 8, "num_test": 64, "num_validation": 16,
+                "hidden_channels": 16, "curve_points": 8}
+    if args.scale != 1:  # a GPU: more batches and clips, wider heads (the backbone is --backbone's)
+        base["batches_per_task"] *= args.scale
+        base["num_train"] *= args.scale
+        base["num_test"] = min(base["num_test"] * args.scale, 512)
+        base["hidden_channels"] *= 2
     for key in base:
-        value = getattr(args, key, None)
-        if value is not None:
-            base[key] = value
-    base["num_train_per_task"] = args.num_train_per_task  # "" = the same clips for every task
-    base["max_steps"] = int(base["max_steps"])
-    base["num_train"] = int(base["num_train"])
+        if getattr(args, key, None) is not None:
+            base[key] = getattr(args, key)
     return base
 
 
-def train_clips(common: dict[str, Any], task: str) -> int:
-    """Training clips of one task: --num_train unless --num_train_per_task overrides it."""
-    from unistd_hf.training import parse_clip_counts
+def random_backbone_shape(backbone: str) -> dict[str, int]:
+    """backbone_width/layers/heads of the pretrained backbone: the random-backbone row gets the same shape."""
+    from transformers import CLIPVisionConfig
 
-    return parse_clip_counts(common.get("num_train_per_task", "")).get(task, int(common["num_train"]))
+    from unistd_hf.pretrain import resolve_backbone
+
+    config = CLIPVisionConfig.from_pretrained(resolve_backbone(backbone))
+    return {"backbone_width": config.hidden_size, "backbone_layers": config.num_hidden_layers,
+            "backbone_heads": config.num_attention_heads}
 
 
-def schedule_for(common: dict[str, Any], tasks: list[str], search_fraction: float, adapter: str) -> dict[str, int]:
-    """epochs and rank_search_epochs so that `max_steps` steps are run and the search covers the same number of
-    steps in a single-task and a joint model (train() counts the search in epochs; with the round-robin schedule
-    an epoch is every batch of every task once)."""
-    per_epoch = sum(train_clips(common, t) // common["batch_size"] for t in tasks)
-    epochs = math.ceil(common["max_steps"] / per_epoch)
-    search = round(search_fraction * common["max_steps"] / per_epoch) if adapter == "rankmoe" else 0
-    return {"epochs": max(epochs, 1), "rank_search_epochs": search, "steps_per_epoch": per_epoch,
-                "search_steps": min(search * per_epoch, common["max_steps"])}
+def run_arguments(row: str, tasks: list[str], seed: int, common: dict[str, Any], args) -> dict[str, Any]:
+    """TrainingArguments fields of one run: `batches_per_task` batches of each of `tasks` (round-robin over equal
+    clip counts gives exactly that), the search over the first `search_fraction` of the epochs."""
+    spec = ROWS[row]
+    per_epoch = common["num_train"] // common["batch_size"]  # batches of each task per epoch
+    epochs = math.ceil(common["batches_per_task"] / per_epoch)
+    steps = common["batches_per_task"] * len(tasks)
+    searching = spec.overrides.get("adapter") == "rankmoe" and "method" not in spec.overrides
+    name = row if not spec.per_task else f"{row}_{tasks[0]}"
+    kwargs = dict(
+        tasks=tasks, seed=seed, epochs=epochs, max_steps=steps, num_train=common["num_train"], num_train_per_task="",
+        num_test=common["num_test"], num_validation=common["num_validation"], batch_size=common["batch_size"],
+        hidden_channels=common["hidden_channels"], backbone=args.backbone, **common["random_shape"],
+        rank_search_epochs=max(round(args.search_fraction * epochs), 1) if searching else 0,
+        eval_every=max(steps // common["curve_points"], 1), log_every=max(steps // 20, 1),
+        output_dir=str(Path(args.output_dir) / f"seed{seed}" / name), cache_dir=args.cache_dir,
+        cpu=args.device == "cpu", mixed_precision=args.mixed_precision, keep_checkpoints=1,
+    )
+    kwargs.update(spec.overrides)
+    return kwargs
+
+
+def planned_runs(rows: list[str], seeds: list[int], common: dict[str, Any], args) -> list[tuple[int, str, dict]]:
+    """(seed, row, kwargs) of every run, seed after seed (an interrupted study has whole seeds first)."""
+    plan = []
+    for seed in seeds:
+        for row in rows:
+            for tasks in ([[t] for t in TASKS] if ROWS[row].per_task else [TASKS]):
+                plan.append((seed, row, run_arguments(row, tasks, seed, common, args)))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Running one configuration
+# Running
 
 
-def training_arguments(row: str, tasks: list[str], seed: int, common: dict[str, Any], args) -> dict[str, Any]:
-    _, overrides, _ = ROWS[row]
-    plan = schedule_for(common, tasks, args.search_fraction, overrides.get("adapter", "rankmoe"))
-    name = row if len(tasks) > 1 else f"{row}_{tasks[0]}"
-    return dict(
-        **common, **overrides, tasks=tasks, seed=seed, epochs=plan["epochs"],
-        rank_search_epochs=plan["rank_search_epochs"],
-        output_dir=str(Path(args.output_dir) / f"seed{seed}" / name), cache_dir=args.cache_dir,
-        num_validation=8, log_every=max(common["max_steps"] // 20, 1), cpu=args.device == "cpu",
-        mixed_precision=args.mixed_precision, keep_checkpoints=1, backbone=args.backbone,
-    ), plan
+def prepare_data(seeds: list[int], common: dict[str, Any], cache_dir: str) -> None:
+    """Generate every task's clips once per seed, before runs share the cache side by side (as `train()` loads them)."""
+    from unistd_hf.data import load_task
+
+    for seed in seeds:
+        for task in TASKS:
+            load_task(task, seed=seed, cache_dir=cache_dir, num_train=common["num_train"],
+                      num_validation=common["num_validation"], num_test=common["num_test"])
 
 
 def run_one(kwargs: dict[str, Any], args) -> dict[str, Any]:
@@ -155,15 +187,17 @@ def run_one(kwargs: dict[str, Any], args) -> dict[str, Any]:
     report_path = output / "report.json"
     if args.reuse and report_path.exists():
         report = json.loads(report_path.read_text())
-        saved = {k: report["arguments"].get(k) for k in kwargs}
-        if saved == kwargs:
-            print(f"  reusing {report_path}")
+        if {k: report["arguments"].get(k) for k in kwargs} == kwargs:
             return report
     shutil.rmtree(output, ignore_errors=True)  # no stale checkpoint, log or backbone from an older run
-    if args.subprocess:
+    if args.jobs > 1:
         code = ("import json,sys,torch; from unistd_hf.training import TrainingArguments, train; "
-                f"torch.set_num_threads({torch_threads()}); train(TrainingArguments(**json.loads(sys.argv[1])))")
-        subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=True, cwd=ROOT)
+                f"torch.set_num_threads({args.threads}); train(TrainingArguments(**json.loads(sys.argv[1])))")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output.parent / f"{output.name}.log", "w") as log:  # the run's warnings and errors
+            subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=True, cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=log)
         report = json.loads(report_path.read_text())
     else:
         from unistd_hf.training import TrainingArguments, train
@@ -175,8 +209,7 @@ def run_one(kwargs: dict[str, Any], args) -> dict[str, Any]:
 
 
 def ranks_before_rounding(output: Path) -> dict[str, Any] | None:
-    """The last logged continuous ranks before discretization (train() keeps the rank history only in the
-    checkpoints' trainer_state.json, not in report.json), to show how far the search moved them."""
+    """The last logged continuous ranks before discretization (kept only in the checkpoint's trainer state)."""
     states = sorted((output / "checkpoints").glob("step-*/trainer_state.json"))
     if not states:
         return None
@@ -184,21 +217,19 @@ def ranks_before_rounding(output: Path) -> dict[str, Any] | None:
     continuous = [h for h in history if any(r != round(r) for ranks in h["ranks"].values() for r in ranks)]
     if not continuous:
         return None
-    last = continuous[-1]
-    values = [r for ranks in last["ranks"].values() for r in ranks]
-    return {"step": last["step"], "ranks": last["ranks"], "min": min(values), "max": max(values),
-            "total": sum(values)}
+    values = [r for ranks in continuous[-1]["ranks"].values() for r in ranks]
+    return {"step": continuous[-1]["step"], "min": min(values), "max": max(values), "total": sum(values)}
 
 
-def summarize_run(report: dict[str, Any], plan: dict[str, int]) -> dict[str, Any]:
+def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "tasks": {name: {"model": v["model"], "baseline": v["baseline"]} for name, v in report["tasks"].items()},
         "trainable_parameters": report["parameters"]["total"]["trainable"],
-        "total_parameters": report["parameters"]["total"]["total"],
         "parameters": report["parameters"],
         "wall_time_s": report["wall_time_s"],
         "steps": report["steps"],
-        "search_steps": plan["search_steps"],
+        "batches_per_task": report["batches_per_task"],
+        "validation_history": report.get("validation_history", []),
         "rank_summary": report.get("rank_summary"),
         "total_rank": report.get("total_rank"),
         "ranks_before_rounding": report.get("_search_ranks"),
@@ -206,73 +237,70 @@ def summarize_run(report: dict[str, Any], plan: dict[str, int]) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Aggregation and tables
-
-
-def csi_mean(metrics: dict[str, float]) -> float | None:
-    values = [v for k, v in metrics.items() if k.startswith("csi@")]
-    return sum(values) / len(values) if values else None
+# Aggregation
 
 
 def task_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    out = {k: metrics[k] for k in ("mse", "psnr", "ssim")}
-    csi = csi_mean(metrics)
-    if csi is not None:
-        out["csi"] = csi
+    out = {k: metrics[k] for k in METRICS if k in metrics}
+    csi = [v for k, v in metrics.items() if k.startswith("csi@")]
+    if csi:
+        out["csi"] = sum(csi) / len(csi)
     return out
 
 
-def spread(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+def row_parts(runs: dict[str, Any], row: str) -> list[dict[str, Any]]:
+    """The runs of one row in one seed: four for a single-task row, else one."""
+    entry = runs[row]
+    return [entry[t] for t in TASKS if t in entry] if ROWS[row].per_task else [entry]
 
 
-def fmt(values: list[float], metric: str) -> str:
-    mean, std = spread(values)
-    digits = {"mse": 4, "psnr": 2, "ssim": 3, "csi": 3}.get(metric, 2)
-    if metric == "mse":
-        return f"{mean * 1e3:.2f} ± {std * 1e3:.2f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def run_for(runs: dict[str, Any], row: str, task: str) -> dict[str, Any] | None:
+    entry = runs.get(row)
+    if entry is None:
+        return None
+    return entry.get(task) if ROWS[row].per_task else entry
 
 
 def collect(runs: dict[int, dict[str, Any]], rows: list[str]) -> dict[str, Any]:
-    """values[row][task][metric] -> list over seeds; also parameters and wall time (per task and per row)."""
-    seeds = sorted(runs)
+    """table[row] = metrics[task][metric] -> per-seed list, params/time per task and per row; table["_baseline"]."""
     table: dict[str, Any] = {}
     for row in rows:
-        per_task: dict[str, dict[str, list[float]]] = {t: {} for t in TASKS}
-        params_task: dict[str, list[int]] = {t: [] for t in TASKS}
-        time_task: dict[str, list[float]] = {t: [] for t in TASKS}
-        params_row, time_row = [], []
-        for seed in seeds:
-            if row not in runs[seed]:
+        entry = {"metrics": {t: {} for t in TASKS}, "params_task": {t: [] for t in TASKS},
+                 "time_task": {t: [] for t in TASKS}, "params_row": [], "time_row": []}
+        for seed in sorted(runs):
+            if row not in runs[seed] or (ROWS[row].per_task and len(runs[seed][row]) < len(TASKS)):
                 continue
-            entry = runs[seed][row]
-            parts = entry.values() if ROWS[row][2] else [entry]
-            params_row.append(sum(p["trainable_parameters"] for p in parts))
-            time_row.append(sum(p["wall_time_s"] for p in parts))
+            parts = row_parts(runs[seed], row)
+            entry["params_row"].append(sum(p["trainable_parameters"] for p in parts))
+            entry["time_row"].append(sum(p["wall_time_s"] for p in parts))
             for task in TASKS:
-                run = entry[task] if ROWS[row][2] else entry
+                run = run_for(runs[seed], row, task)
                 for metric, value in task_metrics(run["tasks"][task]["model"]).items():
-                    per_task[task].setdefault(metric, []).append(value)
-                params_task[task].append(run["trainable_parameters"])
-                time_task[task].append(run["wall_time_s"])
-        table[row] = {"metrics": per_task, "params_task": params_task, "time_task": time_task,
-                      "params_row": params_row, "time_row": time_row}
+                    entry["metrics"][task].setdefault(metric, []).append(value)
+                entry["params_task"][task].append(run["trainable_parameters"])
+                entry["time_task"][task].append(run["wall_time_s"])
+        table[row] = entry
     baseline: dict[str, dict[str, list[float]]] = {t: {} for t in TASKS}
-    for seed in seeds:
+    for seed in sorted(runs):
         for task in TASKS:
-            source = None
-            for row, entry in runs[seed].items():
-                run = entry.get(task) if ROWS[row][2] else entry
-                if run and task in run["tasks"]:
-                    source = run
-                    break
+            source = next((run_for(runs[seed], r, task) for r in runs[seed] if run_for(runs[seed], r, task)), None)
             if source:
                 for metric, value in task_metrics(source["tasks"][task]["baseline"]).items():
                     baseline[task].setdefault(metric, []).append(value)
     table["_baseline"] = baseline
     return table
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], metric: str) -> str:
+    mean, std = spread(values)
+    if metric == "mse":
+        return f"{mean * 1e3:.2f} ± {std * 1e3:.2f}"
+    digits = 2 if metric == "psnr" else 3
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def params_str(values: list[int]) -> str:
@@ -281,75 +309,231 @@ def params_str(values: list[int]) -> str:
     return f"{int(statistics.fmean(values)):,}" if len(set(values)) == 1 else f"{min(values):,}–{max(values):,}"
 
 
-def time_str(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.0f}" if values else "-"
+def ready(table: dict[str, Any], rows: list[str]) -> list[str]:
+    return [r for r in rows if table[r]["params_row"]]
 
 
-def summary_table(table: dict[str, Any], rows: list[str]) -> str:
-    columns = " | ".join(f"{t} PSNR" for t in TASKS)
-    head = f"| configuration | {columns} | mean PSNR | trainable params | wall time (s) |"
-    lines = [head, "|---" + "|---:" * (len(TASKS) + 3) + "|"]
-    for row in rows:
-        m = table[row]["metrics"]
-        if not table[row]["params_row"]:
-            continue
-        cells = [fmt(m[t]["psnr"], "psnr") for t in TASKS]
-        seeds = len(m[TASKS[0]]["psnr"])
-        means = [statistics.fmean(m[t]["psnr"][i] for t in TASKS) for i in range(seeds)]
-        label = ROWS[row][0] + (" (sum of 4 models)" if ROWS[row][2] else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(means, 'psnr')} | "
-                     f"{params_str(table[row]['params_row'])} | {time_str(table[row]['time_row'])} |")
-    b = table["_baseline"]
-    seeds = len(b[TASKS[0]]["psnr"])
-    means = [statistics.fmean(b[t]["psnr"][i] for t in TASKS) for i in range(seeds)]
-    lines.append(f"| {BASELINE_LABEL} | " + " | ".join(fmt(b[t]["psnr"], "psnr") for t in TASKS)
-                 + f" | {fmt(means, 'psnr')} | 0 | - |")
+def row_label(row: str) -> str:
+    return ROWS[row].label + (" (4 models)" if ROWS[row].per_task else "")
+
+
+def summary_table(table: dict[str, Any], rows: list[str], metric: str) -> str:
+    head = f"| configuration | {' | '.join(TASKS)} | trainable params | wall time (s) |"
+    lines = [head, "|---" + "|---:" * (len(TASKS) + 2) + "|"]
+    for row in ready(table, rows):
+        cells = [fmt(table[row]["metrics"][t][metric], metric) for t in TASKS]
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + f" | {params_str(table[row]['params_row'])} | "
+                     f"{statistics.fmean(table[row]['time_row']):.0f} |")
+    base = table["_baseline"]
+    lines.append(f"| {BASELINE_LABEL} | " + " | ".join(fmt(base[t][metric], metric) for t in TASKS) + " | 0 | - |")
     return "\n".join(lines)
 
 
 def task_table(table: dict[str, Any], rows: list[str], task: str) -> str:
-    metrics = ["mse", "psnr", "ssim"] + (["csi"] if "csi" in table["_baseline"][task] else [])
-    names = {"mse": "MSE ×1e3 ↓", "psnr": "PSNR ↑", "ssim": "SSIM ↑", "csi": "CSI (mean of 6 thr.) ↑"}
+    metrics = [m for m in METRICS if m in table["_baseline"][task]]
+    names = {"mse": "MSE ×1e3 ↓", "psnr": "PSNR ↑", "ssim": "SSIM ↑", "ssim_openstl": "SSIM (OpenSTL) ↑",
+             "csi": "CSI (mean of 6 thr.) ↑"}
     lines = [f"| configuration | {' | '.join(names[m] for m in metrics)} | trainable params | wall time (s) |",
              "|---" + "|---:" * (len(metrics) + 2) + "|"]
-    for row in rows:
+    for row in ready(table, rows):
         m = table[row]["metrics"][task]
-        if not m:
-            continue
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(fmt(m[k], k) for k in metrics)
+        lines.append(f"| {ROWS[row].label} | " + " | ".join(fmt(m[k], k) for k in metrics)
                      + f" | {params_str(table[row]['params_task'][task])}"
-                     + f" | {time_str(table[row]['time_task'][task])} |")
-    b = table["_baseline"][task]
-    lines.append(f"| {BASELINE_LABEL} | " + " | ".join(fmt(b[k], k) for k in metrics) + " | 0 | - |")
+                     + f" | {statistics.fmean(table[row]['time_task'][task]):.0f} |")
+    base = table["_baseline"][task]
+    lines.append(f"| {BASELINE_LABEL} | " + " | ".join(fmt(base[k], k) for k in metrics) + " | 0 | - |")
     return "\n".join(lines)
 
 
-def rank_pattern(summaries: list[dict[str, list[float]]], label: str) -> tuple[str, dict[str, Any]]:
-    """Total rank per layer and module kind (mean over seeds), experts at rank 0, and the initial total."""
+def rank_pattern(summaries: list[dict[str, list[float]]]) -> tuple[str, dict[str, Any]]:
+    """Total rank per layer and module kind (mean over seeds), experts at rank 0, and the totals."""
     per_cell: dict[tuple[int, str], list[float]] = {}
     experts: dict[str, int] = {}
-    zeros = []
-    totals = []
     for summary in summaries:
-        totals.append(sum(sum(r) for r in summary.values()))
-        zeros.append(sum(1 for r in summary.values() for x in r if x == 0))
         for name, ranks in summary.items():
-            kind = next((k for k in KINDS if name.endswith(k)), name.rsplit(".", 1)[-1])
+            kind = next((k for k in MODULE_KINDS if name.endswith(k)), name.rsplit(".", 1)[-1])
             layer = int(re.search(r"(?:layers|temporal_adapters)\.(\d+)\.", name).group(1))
             per_cell.setdefault((layer, kind), []).append(sum(ranks))
             experts[kind] = len(ranks)
     layers = sorted({layer for layer, _ in per_cell})
-    kinds = [k for k in KINDS if k in experts]
-    head = "| layer | " + " | ".join(f"{k} ({experts[k]} exp.)" for k in kinds) + " | layer total |"
-    lines = [head, "|---" + "|---:" * (len(kinds) + 1) + "|"]
+    kinds = [k for k in MODULE_KINDS if k in experts]
+    lines = ["| layer | " + " | ".join(f"{k} ({experts[k]} exp.)" for k in kinds) + " | layer total |",
+             "|---" + "|---:" * (len(kinds) + 1) + "|"]
     for layer in layers:
         cells = [statistics.fmean(per_cell.get((layer, k), [0.0])) for k in kinds]
         lines.append(f"| {layer} | " + " | ".join(f"{c:g}" for c in cells) + f" | {sum(cells):g} |")
-    kind_totals = [sum(statistics.fmean(per_cell.get((layer, k), [0.0])) for layer in layers) for k in kinds]
-    lines.append("| **all** | " + " | ".join(f"{c:g}" for c in kind_totals) + f" | {sum(kind_totals):g} |")
-    data = {"label": label, "per_layer_kind": {f"{layer}/{k}": v for (layer, k), v in per_cell.items()},
-            "experts_per_kind": experts, "total_rank_per_seed": totals, "zero_rank_experts_per_seed": zeros}
+    totals = [sum(statistics.fmean(per_cell.get((layer, k), [0.0])) for layer in layers) for k in kinds]
+    lines.append("| **all** | " + " | ".join(f"{c:g}" for c in totals) + f" | {sum(totals):g} |")
+    data = {"per_layer_kind": {f"{layer}/{k}": v for (layer, k), v in per_cell.items()},
+            "total_rank_per_seed": [sum(sum(r) for r in s.values()) for s in summaries],
+            "zero_rank_experts_per_seed": [sum(1 for r in s.values() for x in r if x == 0) for s in summaries],
+            "experts": sum(len(r) for r in summaries[0].values())}
     return "\n".join(lines), data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Findings
+
+
+def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tuple[float, float, str]:
+    """(mean of a - mean of b, spread, 'better' | 'worse' | 'no difference') for a against b; for MSE lower is
+    better. The spread is the sum of both rows' seed std: a difference within it is no difference."""
+    (mean_a, std_a), (mean_b, std_b) = spread(table[a]["metrics"][task][metric]), spread(table[b]["metrics"][task][metric])
+    diff, noise = mean_a - mean_b, std_a + std_b
+    if abs(diff) <= noise:
+        return diff, noise, "no difference"
+    return diff, noise, "better" if (diff < 0 if metric == "mse" else diff > 0) else "worse"
+
+
+def comparison(table: dict[str, Any], a: str, b: str) -> tuple[str, dict[str, int]]:
+    """One sentence: a against b per task (PSNR and SSIM), and the count of verdicts over both metrics."""
+    counts = {"better": 0, "worse": 0, "no difference": 0}
+    parts = []
+    for task in TASKS:
+        cells = []
+        for metric, unit in (("psnr", " dB"), ("ssim", "")):
+            diff, noise, word = verdict(table, a, b, task, metric)
+            counts[word] += 1
+            cells.append(f"{metric.upper()} {diff:+.{2 if metric == 'psnr' else 3}f}{unit} ({word})")
+        parts.append(f"{task} " + ", ".join(cells))
+    return "; ".join(parts), counts
+
+
+def overall(counts: dict[str, int]) -> str:
+    n = sum(counts.values())
+    if counts["better"] and not counts["worse"]:
+        return f"better on {counts['better']} of {n} task-metrics, never worse"
+    if counts["worse"] and not counts["better"]:
+        return f"worse on {counts['worse']} of {n} task-metrics, never better"
+    if not counts["better"] and not counts["worse"]:
+        return f"no difference on any of the {n} task-metrics"
+    return f"better on {counts['better']}, worse on {counts['worse']}, no difference on {counts['no difference']} of {n}"
+
+
+# (label, row a, row b, what a against b answers); a is the subject of the sentence
+CLAIMS = (
+    ("Control (the shared Transformer)", "joint", "joint_no_transformer",
+     "the full model against the same heads with no Transformer at all"),
+    ("Claim 1 (joint ~ single-task)", "joint", "single", "one joint model against one model per task"),
+    ("Claim 2 (rank-adaptive experts > LoRA)", "joint", "joint_lora", "the full method against plain LoRA r=8"),
+    ("Claim 2 (the rank search)", "joint", "joint_fixed_rank", "the full method against the same experts at fixed rank"),
+    ("Claim 3 (temporal adapter)", "joint", "joint_no_temporal", "the full method against it without temporal adapters"),
+    ("The experts' parameters", "joint", "joint_no_adapter", "the full method against the frozen backbone with no adapter"),
+    ("Claim 4 (pretraining)", "joint", "joint_random_backbone",
+     "the full method on the pretrained backbone against a random one of the same shape"),
+    ("Baselines", "joint", "simvp", "the full method against SimVP, one model per task"),
+    ("Baselines", "joint", "tau", "the full method against TAU, one model per task"),
+)
+
+
+def findings(table: dict[str, Any], rows: list[str]) -> str:
+    """A paragraph per claim computed from the numbers, so the text cannot drift from the tables."""
+    have = set(ready(table, rows))
+    lines = []
+    for label, a, b, question in CLAIMS:
+        if a in have and b in have:
+            text, counts = comparison(table, a, b)
+            lines.append(f"- **{label}**: {question}: {overall(counts)}. {text}.")
+    if {"joint", "joint_no_transformer"} <= have:
+        _, counts = comparison(table, "joint", "joint_no_transformer")
+        if not counts["better"]:
+            lines.insert(0, "**The no-Transformer control matches or beats the full model** (no task-metric where the "
+                         "full model is better beyond the spread): at this scale the per-task heads and the residual "
+                         "to the last frame do the work, and the shared backbone with its adapters does not earn its "
+                         "cost.\n")
+    base = table["_baseline"]
+    for row in sorted(have):
+        below = [t for t in TASKS if statistics.fmean(table[row]["metrics"][t]["ssim"]) < statistics.fmean(base[t]["ssim"])]
+        if below:
+            lines.append(f"- {ROWS[row].label} stays below copy-last-frame SSIM on {', '.join(below)}.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curves and rendering
+
+
+def mean_history(histories: list[list[dict]]) -> list[dict]:
+    """Seeds' validation histories averaged record by record (runs of one row log at the same steps)."""
+    length = min(len(h) for h in histories)
+    out = []
+    for records in zip(*(h[:length] for h in histories)):
+        merged = {"task_batches": records[0]["task_batches"]}
+        for key in records[0]:
+            if key.startswith("val/") and all(key in r for r in records):
+                merged[key] = statistics.fmean(r[key] for r in records)
+        out.append(merged)
+    return out
+
+
+def row_history(runs: dict[str, Any], row: str) -> list[dict]:
+    """A row's validation history in one seed; a single-task row's four histories are merged record by record."""
+    histories = [part["validation_history"] for part in row_parts(runs, row)]
+    merged = []
+    for records in zip(*histories):
+        record = {"task_batches": {}}
+        for part in records:
+            record["task_batches"].update(part["task_batches"] if len(histories) == 1 else
+                                          {t: n for t, n in part["task_batches"].items() if n})
+            record.update({k: v for k, v in part.items() if k.startswith("val/")})
+        merged.append(record)
+    return merged
+
+
+def plot_curves(runs: dict[int, dict[str, Any]], rows: list[str], path: Path) -> Path:
+    from unistd_hf.report import plot_validation_curves
+
+    curves = {}
+    for row in rows:
+        per_seed = [row_history(runs[s], row) for s in sorted(runs) if row in runs[s]]
+        per_seed = [h for h in per_seed if h]
+        if per_seed:
+            curves[ROWS[row].label] = mean_history(per_seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plot_validation_curves(curves, path)
+
+
+def render(raw: dict[str, Any], notes: str = "", curves: str | None = None) -> str:
+    runs = {int(s): v for s, v in raw["runs"].items()}
+    rows = [r for r in ROWS if r in raw["rows"]]
+    common, seeds = raw["sizes"], raw["seeds"]
+    table = collect(runs, rows)
+    parts = [
+        f"Four synthetic tasks. **Equal exposure per task**: every row sees {common['batches_per_task']} batches of "
+        f"{common['batch_size']} clips of each task (a joint row {common['batches_per_task'] * len(TASKS)} batches in "
+        f"total, round-robin; each single-task model {common['batches_per_task']} of its own task, so a single-task "
+        f"model costs {len(TASKS)}x less; the single-task, SimVP and TAU rows are four models whose parameters and "
+        f"wall times are summed). Frozen backbone `{raw['backbone']}` (random-backbone row: a random CLIP of the same "
+        f"shape, {common['random_shape']}), C'={common['hidden_channels']}, {common['num_train']} training, "
+        f"{common['num_validation']} validation and {common['num_test']} test clips per task, AdamW lr 3e-3 with "
+        f"cosine decay and the library's default loss (MSE + L1) for every row; rank search over the first "
+        f"{raw['search_fraction']:.0%} of the epochs. Seeds {seeds}: mean ± sample std; a difference within the "
+        f"sum of the two rows' std is reported as no difference. Wall time: seconds per row inside `train()` "
+        f"({raw['jobs']} run(s) side by side with {raw['threads']} torch thread(s) each, so it is indicative only). "
+        f"Whole study: {raw['total_wall_time_s'] / 60:.0f} min. Raw numbers: `docs/study_joint.json`."
+        + (" **Partial: not every run finished.**" if raw.get("partial") else ""),
+        "\n### PSNR per task (dB)\n", summary_table(table, rows, "psnr"),
+        "\n### SSIM per task\n", summary_table(table, rows, "ssim"),
+    ]
+    if curves:
+        parts += [f"\n![validation MSE against the batches of each task, mean over seeds]({curves})"]
+    for task in TASKS:
+        parts += [f"\n### {task}\n", task_table(table, rows, task)]
+    with_joint = [s for s in runs if runs[s].get("joint", {}).get("rank_summary")]
+    if with_joint:
+        text, data = rank_pattern([runs[s]["joint"]["rank_summary"] for s in with_joint])
+        parts += ["\n### Final ranks of the joint full method (sum of expert ranks per layer and projection, mean "
+                  "over seeds)\n", text,
+                  f"\nTotal rank per seed: {data['total_rank_per_seed']} over {data['experts']} experts; experts at "
+                  f"rank 0 per seed: {data['zero_rank_experts_per_seed']}."]
+        before = {s: runs[s]["joint"].get("ranks_before_rounding") for s in with_joint}
+        if any(before.values()):
+            parts.append("Continuous ranks at the end of the search, before rounding: " + "; ".join(
+                f"seed {s}: {b['min']:.2f}–{b['max']:.2f}, total {b['total']:.1f}" for s, b in before.items() if b) + ".")
+    parts += ["\n### Findings (computed)\n", findings(table, rows)]
+    if notes.strip():
+        parts += ["\n### Reading\n", notes.strip()]
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,196 +543,100 @@ def rank_pattern(summaries: list[dict[str, list[float]]], label: str) -> tuple[s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds; every row runs once per seed.")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="Configurations to run.")
-    p.add_argument("--scale", type=int, default=1, help="Multiply steps and data by this, and grow the backbone "
-                   "(width x scale, layers x scale up to 12, C' doubled); for a GPU, e.g. --scale 8.")
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), help="Configurations to run.")
+    p.add_argument("--scale", type=int, default=1, help="Multiply batches and clips by this and double C' (a GPU).")
     p.add_argument("--tiny", action="store_true", help="Smoke-test size (a few minutes on a CPU).")
+    p.add_argument("--backbone", default=PACKAGED_BACKBONE, help="The pretrained backbone (hub id or folder).")
     p.add_argument("--device", choices=["auto", "cpu"], default="cpu",
                    help="'cpu' forces the CPU; 'auto' lets Accelerate take a GPU when present.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1; on a 2-core "
-                   "machine shared with other jobs, 2 threads ran 2-10x slower than 1 from oversubscription).")
+    p.add_argument("--jobs", type=int, default=1, help="Runs side by side, each in its own Python process.")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (on a shared 2-core machine more "
+                   "threads than cores ran 2-10x slower).")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--search_fraction", type=float, default=0.5, help="Fraction of the steps spent on rank search.")
+    p.add_argument("--search_fraction", type=float, default=0.5, help="Fraction of the epochs spent on rank search.")
     p.add_argument("--output_dir", default=str(ROOT / "outputs" / "study"), help="One sub-folder per seed and run.")
-    p.add_argument("--cache_dir", default=str(ROOT / "outputs" / "study" / "data-cache"),
-                   help="Shared datasets cache (data are generated once per seed and size).")
-    for key, kind in (("max_steps", int), ("num_train", int), ("num_test", int), ("batch_size", int),
-                      ("backbone_width", int), ("backbone_layers", int), ("backbone_heads", int),
-                      ("hidden_channels", int)):
-        p.add_argument(f"--{key}", type=kind, default=None, help="Override the size preset.")
-    p.add_argument("--backbone", default=None, help="Hub id or folder of a pretrained CLIP (default: a random CLIP of "
-                   "the preset's size; with a checkpoint the backbone_* sizes are ignored).")
-    p.add_argument("--num_train_per_task", default="", help="'task=clips,...' overrides of --num_train (default: "
-                   "none, every task the same clips; the library's own default gives city_traffic 1024, which with "
-                   "round-robin batches makes the joint model's later steps city_traffic only).")
-    p.add_argument("--subprocess", action="store_true", help="Run each configuration in a fresh Python process.")
+    p.add_argument("--cache_dir", default=str(ROOT / "outputs" / "study" / "data-cache"), help="Shared datasets cache.")
+    for key in ("batches_per_task", "num_train", "num_test", "num_validation", "batch_size", "hidden_channels",
+                "curve_points"):
+        p.add_argument(f"--{key}", type=int, default=None, help="Override the size preset.")
     p.add_argument("--reuse", action="store_true", help="Keep finished runs whose arguments match.")
     p.add_argument("--write-docs", "--write_docs", dest="write_docs", action="store_true",
-                   help="Also write the tables to docs/RESULTS.md and the raw numbers to docs/study_joint.json "
-                   "(default: print only, docs/ untouched).")
-    p.add_argument("--no_write", action="store_true", help=argparse.SUPPRESS)  # the old opt-out; now the default
-    p.add_argument("--json", default=None, help="Where the raw numbers go (default: OUTPUT_DIR/study_joint.json, or "
-                   "docs/study_joint.json with --write-docs).")
-    p.add_argument("--notes", default=None, help="A text file whose content is added as the interpretation.")
-    p.add_argument("--from_json", default=None, help="Render the tables from a saved JSON instead of training.")
+                   help="Write docs/RESULTS.md, docs/study_joint.json and docs/study_joint_curves.png.")
+    p.add_argument("--notes", default=None, help="A text file added as the reading of the findings.")
+    p.add_argument("--from_json", default=None, help="Render from a saved JSON instead of training.")
     args = p.parse_args(argv)
-    if args.write_docs and args.no_write:
-        p.error("--write-docs and --no_write contradict each other")
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     return args
 
 
-def findings(table: dict[str, Any], rows: list[str]) -> str:
-    """Plain comparisons computed from the numbers (PSNR means over seeds), so the text cannot drift from them."""
-    def mean_psnr(row: str, task: str) -> float:
-        return statistics.fmean(table[row]["metrics"][task]["psnr"])
-
-    have = [r for r in rows if table[r]["params_row"]]
-    out = []
-    best = {t: max(have, key=lambda r: mean_psnr(r, t)) for t in TASKS}
-    out.append("Best PSNR per task: " + "; ".join(f"{t}: {ROWS[r][0]}" for t, r in best.items()) + ".")
-    base = {t: statistics.fmean(table["_baseline"][t]["psnr"]) for t in TASKS}
-    for row in have:
-        below = [t for t in TASKS if mean_psnr(row, t) < base[t]]
-        if below:
-            out.append(f"{ROWS[row][0]} stays below copy-last-frame PSNR on {', '.join(below)}.")
-    if "joint" in have:
-        for other in [r for r in have if r != "joint"]:
-            diffs = {t: mean_psnr("joint", t) - mean_psnr(other, t) for t in TASKS}
-            wins = [t for t, d in diffs.items() if d > 0]
-            out.append(f"Joint full method vs {ROWS[other][0]}: PSNR difference "
-                       + ", ".join(f"{t} {d:+.2f} dB" for t, d in diffs.items())
-                       + f" (ahead on {len(wins)} of {len(TASKS)}).")
-    return " ".join(out)
-
-
-def render(raw: dict[str, Any], notes: str = "") -> str:
-    runs = {int(s): v for s, v in raw["runs"].items()}
-    rows = [r for r in ROWS if r in raw["rows"]]
-    common, seeds = raw["sizes"], raw["seeds"]
-    table = collect(runs, rows)
-    parts = [
-        f"Four synthetic tasks; every row: {common['max_steps']} optimizer steps (batches of {common['batch_size']} "
-        f"clips, one task per batch), seeds {seeds}, "
-        + (f"frozen backbone `{raw['backbone']}`, " if raw.get("backbone") else
-           f"a random frozen CLIP backbone (width {common['backbone_width']}, {common['backbone_layers']} layers, "
-           f"{common['backbone_heads']} heads), ")
-        + f"C'={common['hidden_channels']}, "
-        f"{common['num_train']} training and {common['num_test']} test clips per task, AdamW lr 3e-3 with cosine "
-        f"decay for every row. Single-task: one model per task, each given the same {common['max_steps']} steps as "
-        f"the joint model (4x the joint compute in total; its parameters and times are summed in the first table). "
-        f"Rank search (full method): the first {raw['search_fraction']:.0%} of the steps in single-task and joint "
-        f"models alike. Spread: mean ± sample std over {len(seeds)} seeds (seeds change data, backbone, "
-        f"initialisation). Wall time (s, mean over seeds) includes data loading, evaluation and writing outputs, "
-        f"on a 2-core machine shared with other jobs, so it is noisy. Raw numbers: `docs/study_joint.json`; "
-        f"whole study: {raw['total_wall_time_s'] / 60:.0f} min.",
-        "\n### PSNR per task (dB), trainable parameters, wall time\n",
-        summary_table(table, rows),
-    ]
-    for task in TASKS:
-        parts += [f"\n### {task}\n", task_table(table, rows, task)]
-    if raw.get("rank_pattern"):
-        with_joint = [s for s in runs if "joint" in runs[s]]
-        text, data = rank_pattern([runs[s]["joint"]["rank_summary"] for s in with_joint], "joint, full method")
-        parts += ["\n### Final rank pattern of the joint full method (sum of expert ranks, mean over seeds)\n", text,
-                  (f"\nTotal rank per seed: {data['total_rank_per_seed']} (before the search: "
-                  f"{4.5 * sum(len(r) for r in runs[with_joint[0]]['joint']['rank_summary'].values()):g}"
-                  f" = 4.5 per expert); experts at rank 0 per seed: "
-                  f"{data['zero_rank_experts_per_seed']}.")]
-        before = {s: runs[s]["joint"].get("ranks_before_rounding") for s in with_joint}
-        before = {s: b for s, b in before.items() if b}
-        if before:
-            parts.append("Continuous ranks at the end of the search, before rounding (floor(r + 0.5)): " + "; ".join(
-                f"seed {s}: {b['min']:.2f}–{b['max']:.2f}, total {b['total']:.1f}" for s, b in before.items()) + ".")
-    if "single" in rows:
-        totals = {t: [runs[s]["single"][t]["total_rank"] for s in runs if "single" in runs[s]] for t in TASKS}
-        parts.append("Total rank of the single-task full-method models, per seed: "
-                     + "; ".join(f"{t} {v}" for t, v in totals.items()) + ".")
-    parts += ["\n### Findings (computed)\n", findings(table, rows)]
-    if notes.strip():
-        parts += ["\n### Interpretation\n", notes.strip()]
-    return "\n".join(parts)
+def publish(raw: dict[str, Any], args, notes: str) -> None:
+    """Tables and curves: into docs/ with --write-docs, else beside the runs."""
+    target = DOCS if args.write_docs else Path(args.output_dir)
+    curves = plot_curves({int(s): v for s, v in raw["runs"].items()}, [r for r in ROWS if r in raw["rows"]],
+                         target / "study_joint_curves.png")
+    body = render(raw, notes, curves.name)
+    print(body)
+    if args.write_docs:
+        (DOCS / "study_joint.json").write_text(json.dumps(raw, indent=1))
+        write_section("study_joint", body, command=raw["command"])
+        print("wrote docs/RESULTS.md, docs/study_joint.json, docs/study_joint_curves.png")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     notes = Path(args.notes).read_text() if args.notes else ""
-    if args.from_json:  # re-render tables (and new notes) from a finished study
-        raw = json.loads(Path(args.from_json).read_text())
-        if raw.get("torch_threads"):  # the machine stamp reports the threads the study ran with
-            import torch
-
-            torch.set_num_threads(raw["torch_threads"])
-        body = render(raw, notes)
-        print(body)
-        if args.write_docs:
-            write_section("study_joint", body, command=raw["command"])
-            print("wrote docs/RESULTS.md")
+    if args.from_json:
+        publish(json.loads(Path(args.from_json).read_text()), args, notes)
         return
-    if args.json is None:
-        args.json = str(JSON_PATH) if args.write_docs else str(Path(args.output_dir) / "study_joint.json")
-    common = sizes(args)
-    rows = args.rows
-    if args.threads or args.device == "cpu":
-        import torch
-
-        torch.set_num_threads(args.threads or 1)
-    started = time.time()
-    runs: dict[int, dict[str, Any]] = {}
-    plans: dict[str, Any] = {}
-    for seed in args.seeds:  # one seed after the other: an interrupted study has whole seeds
-        runs[seed] = {}
-        for row in rows:
-            label, _, per_task = ROWS[row]
-            groups = [[t] for t in TASKS] if per_task else [TASKS]
-            results = {}
-            for tasks in groups:
-                kwargs, plan = training_arguments(row, tasks, seed, common, args)
-                plans[f"{row}/{'+'.join(tasks) if per_task else 'joint'}"] = plan
-                t0 = time.time()
-                print(f"[{time.time() - started:6.0f}s] seed {seed} {label} {tasks if per_task else ''}: "
-                      f"{common['max_steps']} steps, {plan['epochs']} epochs, search {plan['search_steps']} steps",
-                      flush=True)
-                report = run_one(kwargs, args)
-                print(f"         done in {time.time() - t0:.0f}s; PSNR " + ", ".join(
-                    f"{t}={v['model']['psnr']:.2f}" for t, v in report["tasks"].items()), flush=True)
-                results[tasks[0]] = summarize_run(report, plan)
-            runs[seed][row] = results if per_task else results[TASKS[0]]
-            save_raw(args, common, rows, plans, runs, time.time() - started, partial=True)
-    total = time.time() - started
-    raw = save_raw(args, common, rows, plans, runs, total, partial=False)
-    body = render(raw, notes)
-    print(body)
-    print(f"\ntotal wall time {total:.0f}s; raw numbers in {args.json}")
-    if args.write_docs:
-        write_section("study_joint", body, command=raw["command"])
-        print("wrote docs/RESULTS.md")
-    else:
-        print("docs/ left untouched (pass --write-docs to update docs/RESULTS.md and docs/study_joint.json)")
-
-
-def save_raw(args, common, rows, plans, runs, total: float, partial: bool) -> dict[str, Any]:
-    """All raw numbers; written after every row so an interrupted study can be rendered with --from_json."""
-    runs = {s: v for s, v in runs.items() if v}
-    raw = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "sizes": common, "seeds": args.seeds, "rows": {r: ROWS[r][0] for r in rows},
-        "search_fraction": args.search_fraction, "plans": plans, "total_wall_time_s": round(total, 1),
-        "backbone": args.backbone, "partial": partial, "torch_threads": torch_threads(),
-        "runs": {str(s): v for s, v in runs.items()},
-    }
-    with_joint = [s for s in runs if "joint" in runs[s]]
-    if with_joint:
-        summaries = [runs[s]["joint"]["rank_summary"] for s in with_joint]
-        raw["rank_pattern"] = rank_pattern(summaries, "joint, full method")[1]
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(raw, indent=1))
-    return raw
-
-
-def torch_threads() -> int:
     import torch
 
-    return torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    common = sizes(args)
+    common["random_shape"] = random_backbone_shape(args.backbone)
+    plan = planned_runs(args.rows, args.seeds, common, args)
+    started = time.time()
+    prepare_data(args.seeds, common, args.cache_dir)
+    runs: dict[int, dict[str, Any]] = {seed: {} for seed in args.seeds}
+    raw_path = Path(args.output_dir) / "study_joint.json"
+
+    def finished(seed: int, row: str, kwargs: dict, report: dict) -> None:
+        summary = summarize_run(report)
+        if ROWS[row].per_task:
+            runs[seed].setdefault(row, {})[kwargs["tasks"][0]] = summary
+        else:
+            runs[seed][row] = summary
+        print(f"[{(time.time() - started) / 60:5.1f} min] seed {seed} {ROWS[row].label} {kwargs['tasks']}: "
+              f"{report['wall_time_s']:.0f} s; PSNR " + ", ".join(
+                  f"{t}={v['model']['psnr']:.2f}" for t, v in report["tasks"].items()), flush=True)
+        save_raw(raw_path, args, common, runs, time.time() - started, partial=True)
+
+    print(f"{len(plan)} runs, {args.jobs} side by side", flush=True)
+    if args.jobs == 1:
+        for seed, row, kwargs in plan:
+            finished(seed, row, kwargs, run_one(kwargs, args))
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [(seed, row, kwargs, pool.submit(run_one, kwargs, args)) for seed, row, kwargs in plan]
+            for seed, row, kwargs, future in futures:
+                finished(seed, row, kwargs, future.result())
+    raw = save_raw(raw_path, args, common, runs, time.time() - started, partial=False)
+    publish(raw, args, notes)
+    print(f"\ntotal wall time {raw['total_wall_time_s'] / 60:.0f} min; raw numbers in {raw_path}")
+
+
+def save_raw(path: Path, args, common, runs, total: float, partial: bool) -> dict[str, Any]:
+    """All raw numbers; written after every run so an interrupted study can be rendered with --from_json."""
+    raw = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+        "sizes": common, "seeds": args.seeds, "rows": {r: ROWS[r].label for r in args.rows},
+        "search_fraction": args.search_fraction, "total_wall_time_s": round(total, 1), "backbone": args.backbone,
+        "jobs": args.jobs, "threads": args.threads, "partial": partial,
+        "runs": {str(s): v for s, v in runs.items() if v},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw, indent=1))
+    return raw
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ class UniSTDConfig(PretrainedConfig):
         temporal_gate: "scaled" (`x * 2*sigmoid(o)`, an exact identity at init) or "additive"
             (the paper's literal `x + sigmoid(o)`).
         use_temporal_adapter: False removes the temporal adapters (ablation).
+        use_backbone: False skips the shared Transformer (and with it the temporal adapters and any adapter on
+            it): the input projection's tokens go straight to the output projection. A control for studies (does
+            the shared part earn its cost?); the backbone is still built, as it sets the token width D.
         freeze_backbone: keep the backbone's weights frozen (the paper's setting).
         group_norm_groups: groups of the encoder/decoder GroupNorm (must divide hidden_channels).
         residual_to_last_frame: predict the change from the last observed frame (predictions = last frame +
@@ -140,6 +143,7 @@ class UniSTDConfig(PretrainedConfig):
         temporal_reduction: int = 6,
         temporal_gate: str = "scaled",
         use_temporal_adapter: bool = True,
+        use_backbone: bool = True,
         freeze_backbone: bool = True,
         group_norm_groups: int = 8,
         residual_to_last_frame: bool = False,
@@ -175,6 +179,7 @@ class UniSTDConfig(PretrainedConfig):
         self.temporal_reduction = temporal_reduction
         self.temporal_gate = temporal_gate
         self.use_temporal_adapter = use_temporal_adapter
+        self.use_backbone = use_backbone
         self.freeze_backbone = freeze_backbone
         self.residual_to_last_frame = residual_to_last_frame
         for name, weight in (("loss_l1_weight", loss_l1_weight), ("loss_gdl_weight", loss_gdl_weight)):

@@ -175,7 +175,7 @@ class UniSTDModel(PreTrainedModel):
         # One temporal adapter per backbone layer, run as a forward hook on the layer's self-attention so that the
         # backbone's own layer code (and its module names) stay untouched.
         layers = self.backbone.encoder.layers
-        n_adapters = len(layers) if config.use_temporal_adapter else 0
+        n_adapters = len(layers) if config.use_temporal_adapter and config.use_backbone else 0
         self.temporal_adapters = nn.ModuleList(
             [TemporalAdapter(width, config.temporal_reduction, config.temporal_gate) for _ in range(n_adapters)]
         )
@@ -239,9 +239,12 @@ class UniSTDModel(PreTrainedModel):
         x = x + sincos_2d_position_encoding(Hp, Wp, D, device=x.device, dtype=x.dtype)  # (B, N, D)
 
         # shared backbone (temporal adapters act through hooks on each self-attention)
-        x = x.to(self.backbone.dtype)
-        x = self.backbone.pre_layrnorm(x)  # (B, N, D)
-        hidden = self.backbone.encoder(inputs_embeds=x).last_hidden_state  # (B, N, D)
+        if self.config.use_backbone:
+            x = x.to(self.backbone.dtype)
+            x = self.backbone.pre_layrnorm(x)  # (B, N, D)
+            hidden = self.backbone.encoder(inputs_embeds=x).last_hidden_state  # (B, N, D)
+        else:  # the no-Transformer control: heads only
+            hidden = x
 
         # tokens -> per-frame decoder
         x = self.output_projections[task](hidden.to(_dtype_of(self.output_projections[task])))  # (B, N, T'*C')

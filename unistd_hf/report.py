@@ -27,6 +27,7 @@ __all__ = [
     "write_outputs",
     "plot_prediction_grid",
     "plot_rank_history",
+    "plot_validation_curves",
     "model_card",
     "push_adapter",
 ]
@@ -115,6 +116,8 @@ def build_report(args, config, model, results: dict, state: dict, seconds: float
         report["rank_summary"] = summary
         report["total_rank"] = sum(sum(r) for r in summary.values())
         report["rank_history"] = state["rank_history"]  # the numbers behind ranks.png
+    if state.get("validation_history"):
+        report["validation_history"] = state["validation_history"]  # the numbers behind validation.png
     return report
 
 
@@ -232,9 +235,33 @@ def plot_rank_history(history: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_validation_curves(runs: dict[str, list[dict]], path: str | Path, metric: str = "mse") -> Path:
+    """One panel per task: validation `metric` against the batches of that task seen so far, one line per run
+    (a training run's `validation_history`; several runs compare at equal exposure to each task)."""
+    tasks = sorted({key.split("/")[1] for history in runs.values() for record in history for key in record
+                    if key.startswith("val/") and key.endswith("/" + metric)})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for label, history in runs.items():
+            points = [(r["task_batches"].get(task, 0), r[f"val/{task}/{metric}"]) for r in history
+                      if f"val/{task}/{metric}" in r]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=label)
+        axis.set_title(task)
+        axis.set_xlabel(f"batches of {task}")
+        axis.set_ylabel(f"validation {metric}")
+        if metric == "mse":
+            axis.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return Path(path)
+
+
 @torch.no_grad()
 def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, state: dict) -> None:
-    """report.json, report.md, predictions_<task>.png, ranks.png."""
+    """report.json, report.md, predictions_<task>.png, ranks.png, validation.png."""
     write_text_atomically(output / "report.json", json.dumps(report, indent=1))
     write_text_atomically(output / "report.md", format_report_markdown(report))
     device = next(model.parameters()).device
@@ -248,6 +275,8 @@ def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, stat
     model.train(was_training)
     if state.get("rank_history"):
         plot_rank_history(state["rank_history"], output / "ranks.png")
+    if state.get("validation_history"):
+        plot_validation_curves({"this run": state["validation_history"]}, output / "validation.png")
 
 
 def model_card(report: dict[str, Any], repo_id: str, backbone: str | None = None, whole_model: bool = False) -> str:

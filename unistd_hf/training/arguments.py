@@ -72,6 +72,11 @@ class TrainingArguments:
     backbone_heads: int = field(default=4, metadata={"help": "Attention heads of the random CLIP."})
     hidden_channels: int = field(default=16, metadata={"help": "C', channels of the per-frame conv encoders."})
     use_temporal_adapter: bool = field(default=True, metadata={"help": "Temporal adapters after self-attention."})
+    use_backbone: bool = field(
+        default=True,
+        metadata={"help": "False: the no-Transformer control of studies (heads only: the tokens skip the backbone; use "
+                  "with --adapter none --use_temporal_adapter false)."},
+    )
     temporal_gate: str = field(default="scaled", metadata={"help": f"One of {GATE_MODES}; 'scaled' is an identity at init."})
     residual_to_last_frame: bool = field(
         default=True,
@@ -135,6 +140,11 @@ class TrainingArguments:
                   "'auto' (the newest checkpoint if there is one, else a new run)."},
     )
     log_every: int = field(default=10, metadata={"help": "Log (JSON lines) every N batches."})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Every N batches, evaluate each task on its validation clips (--num_validation) and log it: "
+                  "the validation curves of validation.png and report.json (0: off)."},
+    )
     report_to: str = field(default="jsonl", metadata={"help": "'jsonl' or 'tensorboard' (JSON lines are always written)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter and its model card to the hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository id for --push_to_hub."})
@@ -162,7 +172,7 @@ def validate_arguments(args: TrainingArguments) -> None:
                     "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank",
                     "keep_checkpoints", "log_every", "num_experts", "out_proj_experts", "translator_channels",
                     "translator_depth"),
-                0: ("num_validation", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
+                0: ("num_validation", "eval_every", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
                     "weight_decay", "budget_weight", "fail_at_step", "loss_l1_weight",
                     "loss_gdl_weight")}
     for low, names in at_least.items():
@@ -190,6 +200,9 @@ def validate_arguments(args: TrainingArguments) -> None:
     if args.method != "unistd" and (args.adapter != "rankmoe" or args.finetune_backbone):
         raise ValueError(f"--method {args.method} trains its own model per task: --adapter and --finetune_backbone "
                          "apply to --method unistd only")
+    if not args.use_backbone and (args.adapter != "none" or args.finetune_backbone or args.use_temporal_adapter):
+        raise ValueError("--use_backbone false skips the Transformer, so nothing on it can train: use it with "
+                         "--adapter none --use_temporal_adapter false (and without --finetune_backbone)")
     if args.finetune_backbone and args.adapter != "none":
         raise ValueError("--finetune_backbone trains the whole backbone; use it with --adapter none")
     if args.resume_from_checkpoint not in (None, "latest", "auto") and not Path(args.resume_from_checkpoint).is_dir():

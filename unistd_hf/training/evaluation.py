@@ -13,21 +13,23 @@ __all__ = ["evaluate_task"]
 
 @torch.no_grad()
 def evaluate_task(
-    model: torch.nn.Module, task: TaskData, batch_size: int, accelerator: Accelerator | None = None, max_clips: int | None = None
+    model: torch.nn.Module, task: TaskData, batch_size: int, accelerator: Accelerator | None = None,
+    max_clips: int | None = None, split: str = "test",
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(model metrics, copy-last-frame metrics) on the task's test split. Each process evaluates every
-    world-th clip; the exact metric sums are combined by one all-reduce."""
+    """(model metrics, copy-last-frame metrics) on the task's `split` ("test" or "validation"). Each process
+    evaluates every world-th clip; the exact metric sums are combined by one all-reduce."""
+    clips = getattr(task, split)
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = accelerator.device if accelerator else next(model.parameters()).device
-    count = len(task.test) if max_clips is None else min(max_clips, len(task.test))
+    count = len(clips) if max_clips is None else min(max_clips, len(clips))
     mine = list(range(rank, count, world))
     metrics, thresholds = task.info.metrics, task.info.csi_thresholds
     accumulators = {k: MetricAccumulator(metrics, thresholds, device=device) for k in ("model", "baseline")}
     was_training = model.training
     model.eval()
     for start in range(0, len(mine), batch_size):
-        batch = task.test[mine[start : start + batch_size]]
+        batch = clips[mine[start : start + batch_size]]
         inputs, targets = batch["inputs"].to(device).float(), batch["targets"].to(device).float()
         predictions = model(pixel_values=inputs, task=task.name).predictions.float()
         accumulators["model"].update(predictions, targets)

@@ -76,6 +76,20 @@ class LossMeter:
         return {task: sum(v) / len(v) for task, v in sums.items()}
 
 
+def validate(model: torch.nn.Module, tasks: dict, args: TrainingArguments, accelerator: Accelerator,
+             state: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of every task on its validation clips at this step, appended to state["validation_history"] (the
+    curves of validation.png): how far training has flattened, without touching the test split."""
+    record: dict[str, Any] = {"step": state["global_step"], "task_batches": dict(state["task_batches"])}
+    for name, task in tasks.items():
+        if task.validation is None or len(task.validation) == 0:
+            continue
+        metrics, _ = evaluate_task(model, task, args.eval_batch_size, accelerator, args.num_validation, "validation")
+        record.update({f"val/{name}/{k}": metrics[k] for k in ("mse", "psnr", "ssim") if k in metrics})
+    state.setdefault("validation_history", []).append(record)
+    return record
+
+
 def train(args: TrainingArguments) -> dict[str, Any]:
     """Train, evaluate and write everything to `args.output_dir`; returns the report dict."""
     validate_arguments(args)
@@ -114,7 +128,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state: dict[str, Any] = {"global_step": 0, "optimizer_steps": 0, "task_batches": dict.fromkeys(tasks, 0),
-                             "rank_history": [], "identity": identity}
+                             "rank_history": [], "validation_history": [], "identity": identity}
     if resume:
         state = load_checkpoint(accelerator, resume, search, scheduler)
         if state["global_step"] >= total_steps:
@@ -177,6 +191,11 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                     with open(output / "logs.jsonl", "a") as handle:
                         handle.write(json.dumps(record) + "\n")
                 accelerator.log(record, step=step)
+            if args.eval_every and step % args.eval_every == 0:
+                record = validate(base_model, tasks, args, accelerator, state)
+                if accelerator.is_main_process:
+                    with open(output / "logs.jsonl", "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 meter.flush()  # never checkpoint weights that a non-finite loss has touched
                 save_checkpoint(accelerator, output, args.keep_checkpoints, state, search, scheduler)

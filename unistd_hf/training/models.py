@@ -69,7 +69,7 @@ def build_model(
         backbone = PACKAGED_BACKBONE  # recorded by name (resolved at build time), so saved adapters load anywhere
     config = UniSTDConfig(
         backbone=backbone, tasks=specs, hidden_channels=args.hidden_channels,
-        temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter,
+        temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter, use_backbone=args.use_backbone,
         residual_to_last_frame=args.residual_to_last_frame, decoder_skip=args.decoder_skip,
         freeze_backbone=not args.finetune_backbone, **losses,
     )

@@ -29,7 +29,7 @@ RUN_FILE = "run.json"
 MAY_CHANGE_ON_RESUME = (
     "output_dir", "data_dir", "cache_dir", "epochs", "max_steps", "checkpoint_every", "keep_checkpoints",
     "resume_from_checkpoint", "overwrite_output_dir", "log_every", "report_to", "push_to_hub", "hub_model_id",
-    "eval_batch_size", "cpu", "fail_at_step",
+    "eval_batch_size", "eval_every", "cpu", "fail_at_step",
 )
 
 

@@ -26,12 +26,13 @@ __all__ = ["TaskData", "task_data", "load_tasks", "batch_counts", "epoch_order",
 @dataclass
 class TaskData:
     """A loaded task: its shapes (`spec`, from the data), its registry entry (`info`: metrics, CSI thresholds)
-    and the splits the loop reads (datasets in torch format)."""
+    and the splits the loop reads (datasets in torch format; `validation` is None where the data has none)."""
 
     spec: TaskSpec
     info: TaskInfo
     train: Any
     test: Any
+    validation: Any = None
 
     @property
     def name(self) -> str:
@@ -41,7 +42,8 @@ class TaskData:
 def task_data(name: str, data: Any, cache_dir: str | None = None) -> TaskData:
     """`TaskData` of what `load_task(name, ...)` returned, a `DatasetDict` or (streaming=True) an `IterableDatasetDict`."""
     train, test = (random_access(data[split], cache_dir).with_format("torch") for split in ("train", "test"))
-    return TaskData(spec_for(name, train), get_task(name), train, test)
+    validation = random_access(data["validation"], cache_dir).with_format("torch") if "validation" in data else None
+    return TaskData(spec_for(name, train), get_task(name), train, test, validation)
 
 
 def random_access(split: Any, cache_dir: str | None = None) -> datasets.Dataset:
