@@ -15,6 +15,7 @@ from .config import RankMoEConfig  # noqa: E402
 from .functional import FractionalRankMask, fractional_rank_mask, hard_rank_mask, route  # noqa: E402
 from .layer import Linear, RankMoELayer  # noqa: E402
 from .model import RankMoEModel  # noqa: E402
+from .routing import ExpertUsage, RouterRecorder, load_balancing_loss  # noqa: E402
 from .search import RankSearch, RankSearchCallback  # noqa: E402
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "RankMoEModel",
     "RankSearch",
     "RankSearchCallback",
+    "RouterRecorder",
+    "ExpertUsage",
+    "load_balancing_loss",
     "RankMoELayer",
     "Linear",
     "FractionalRankMask",

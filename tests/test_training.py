@@ -54,7 +54,8 @@ def data_cache(tmp_path_factory) -> str:
 def tiny_run(tmp_path_factory, data_cache) -> Path:
     """One end-to-end run through `accelerate launch examples/train_unistd.py`: 2 tasks, 40 batches."""
     output = tmp_path_factory.mktemp("run")
-    launch(TINY + ["--output_dir", str(output), "--cache_dir", data_cache, "--epochs", "5", "--rank_search_epochs", "3"])
+    launch(TINY + ["--output_dir", str(output), "--cache_dir", data_cache, "--epochs", "5", "--rank_search_epochs", "3",
+                   "--eval_every", "10"])
     return output
 
 
@@ -108,8 +109,15 @@ def test_end_to_end_run_learns_searches_ranks_and_reports(tiny_run):
     assert max(abs(r - 4.5) for r in searched) > 0.05
     final = [r for ranks in report["rank_summary"].values() for r in ranks]
     assert all(float(r).is_integer() for r in final)
-    for name in ("report.md", "ranks.png", "predictions_city_traffic.png", "predictions_moving_digits.png"):
+    for name in ("report.md", "ranks.png", "predictions_city_traffic.png", "predictions_moving_digits.png",
+                 "expert_usage.png", "validation.png"):
         assert (tiny_run / name).stat().st_size > 0
+    # validation curves every 10 batches; expert usage of every adapted layer for both tasks
+    assert [r["step"] for r in report["validation_history"]] == [10, 20, 30, 40]
+    assert report["validation_history"][-1]["task_batches"] == report["batches_per_task"]
+    usage = report["expert_usage"]["mean"]
+    assert set(usage) == {"city_traffic", "moving_digits"} and set(usage["city_traffic"]) == set(report["rank_summary"])
+    assert all(sum(w) == pytest.approx(1.0) for layers in usage.values() for w in layers.values())
     assert "copy-last-frame" in (tiny_run / "report.md").read_text()
     assert (tiny_run / "adapter" / "adapter_model.safetensors").exists()
 
@@ -137,6 +145,62 @@ def test_saved_adapter_reloads_in_fresh_process_and_reproduces_metric(tiny_run, 
     reported = json.loads((tiny_run / "report.json").read_text())["tasks"]["moving_digits"]["model"]
     for metric in ("mse", "psnr", "ssim"):
         assert reloaded[metric] == pytest.approx(reported[metric], rel=1e-4)
+
+
+def test_usage_entry_point_maps_a_saved_adapter(tiny_run, data_cache, tmp_path):
+    """`python -m unistd_hf.usage` gives the training report's numbers for the same clips; a bad adapter: error."""
+    done = subprocess.run([sys.executable, "-m", "unistd_hf.usage", "--adapter", str(tiny_run / "adapter"),
+                           "--output_dir", str(tmp_path), "--num_test", "16", "--seed", "3"],
+                          env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "expert_usage.png").stat().st_size > 0
+    measured = json.loads((tmp_path / "expert_usage.json").read_text())["mean"]
+    reported = json.loads((tiny_run / "report.json").read_text())["expert_usage"]["mean"]
+    for task, layers in reported.items():
+        for layer, weights in layers.items():
+            assert measured[task][layer] == pytest.approx(weights, abs=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "unistd_hf.usage", "--adapter", str(tmp_path), "--output_dir",
+                          str(tmp_path / "x")], env=environment(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "adapter_config.json" in bad.stderr
+
+
+COMPARE = """
+import sys, torch
+from unistd_hf.peft_integration import load_unistd_peft_model
+old, new = (load_unistd_peft_model(path).eval() for path in sys.argv[1:3])
+assert list(new.get_base_model().task_specs) == ["city_traffic", "moving_digits", "rain_nowcast"]
+torch.manual_seed(0)
+with torch.no_grad():
+    for task, spec in old.get_base_model().task_specs.items():
+        clips = torch.rand(3, *spec.input_shape)
+        assert torch.equal(old(pixel_values=clips, task=task).predictions, new(pixel_values=clips, task=task).predictions), task
+    spec = new.get_base_model().task_specs["rain_nowcast"]
+    assert new(pixel_values=torch.rand(2, *spec.input_shape), task="rain_nowcast").predictions.shape[1:] == spec.target_shape
+print("ok")
+"""
+
+
+def test_adding_a_task_trains_it_alone_and_keeps_the_old_tasks_bit_identical(tiny_run, data_cache, tmp_path):
+    base = ["--init_from", str(tiny_run / "adapter"), "--num_train", "32", "--num_train_per_task", "",
+            "--num_validation", "8", "--num_test", "16", "--batch_size", "4", "--log_every", "2", "--seed", "3",
+            "--cache_dir", data_cache, "--residual_to_last_frame", "false", "--loss_l1_weight", "0"]
+    output = tmp_path / "added"
+    launch(base + ["--tasks", "rain_nowcast", "--epochs", "2", "--output_dir", str(output)])
+    report = json.loads((output / "report.json").read_text())
+    assert set(report["tasks"]) == {"rain_nowcast"} and report["batches_per_task"] == {"rain_nowcast": 16}
+    assert report["parameters"]["total"]["trainable"] == report["parameters"]["task heads"]["trainable"] > 0
+    losses = [r["loss/rain_nowcast"] for r in map(json.loads, (output / "logs.jsonl").read_text().splitlines())
+              if "loss/rain_nowcast" in r]
+    assert losses[-1] < losses[0]
+    done = subprocess.run([sys.executable, "-c", COMPARE, str(tiny_run / "adapter"), str(output / "adapter")],
+                          env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    # wrong use stops before training, with one error line
+    for extra, message in ((["--tasks", "moving_digits"], "already exist"),
+                           (["--tasks", "rain_nowcast", "--init_from", str(tmp_path)], "is not a UniSTD adapter")):
+        failed = launch(base + extra + ["--output_dir", str(tmp_path / "refused")], check=False)
+        assert failed.returncode != 0 and "error: " in failed.stderr and message in failed.stderr
+        assert not (tmp_path / "refused" / "checkpoints").exists()
 
 
 def test_predict_entry_point_writes_predictions_and_picture(tiny_run, tmp_path):

@@ -28,6 +28,8 @@ __all__ = [
     "default_rankmoe_config",
     "get_unistd_peft_model",
     "load_unistd_peft_model",
+    "read_unistd_adapter",
+    "add_tasks_to_unistd_peft_model",
     "save_unistd_peft_model",
     "portable_backbone",
     "save_backbone",
@@ -181,6 +183,17 @@ def load_unistd_peft_model(
     """
     import peft
 
+    folder, _, config = read_unistd_adapter(repo_or_dir, backbone, revision)
+    model = UniSTDModel(config)
+    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+def read_unistd_adapter(
+    repo_or_dir: str | Path, backbone: str | Path | None = None, revision: str | None = None
+) -> tuple[Path, Any, UniSTDConfig]:
+    """(local folder, peft config, UniSTD config with its backbone resolved) of a saved UniSTD adapter."""
+    import peft
+
     import rankmoe_peft  # noqa: F401  (registers "rankmoe" with peft)
 
     folder = _adapter_folder(repo_or_dir, revision)
@@ -212,8 +225,43 @@ def load_unistd_peft_model(
     elif Path(config.backbone).is_absolute() and not Path(config.backbone).exists():
         raise ValueError(f"the adapter in {str(repo_or_dir)!r} names its backbone by the path {config.backbone!r}, "
                          "which does not exist on this machine; pass backbone=<CLIP folder or hub id>")
-    model = UniSTDModel(config)
-    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    return folder, peft_config, config
+
+
+def add_tasks_to_unistd_peft_model(repo_or_dir: str | Path, new_tasks: list, backbone: str | Path | None = None) -> "PeftModel":
+    """A saved UniSTD adapter with heads for `new_tasks` (`TaskSpec`s) added, ready to train them alone.
+
+    Every tensor of the saved model loads unchanged and stays frozen (backbone, RankMoE experts, routers and ranks,
+    temporal adapters, the old tasks' heads): only the new tasks' encoders, projections and decoders train. The old
+    tasks' forward passes never touch a new head, so their predictions stay bit-identical. The adapter saved from
+    the result (`save_unistd_peft_model`) serves old and new tasks.
+    """
+    import peft
+    from safetensors.torch import load_file
+
+    folder, peft_config, config = read_unistd_adapter(repo_or_dir, backbone)
+    names = [spec.name for spec in new_tasks]
+    clash = [name for name in names if name in config.task_specs]
+    if clash:
+        raise ValueError(f"task(s) {clash} already exist in the model of {str(repo_or_dir)!r} (its tasks: "
+                         f"{list(config.task_specs)}); --init_from adds new tasks only")
+    config.tasks = config.tasks + [spec.to_dict() for spec in new_tasks]
+    new_heads = [f"{head}.{name}" for head in TASK_HEAD_MODULES for name in names]
+    peft_config.modules_to_save = list(peft_config.modules_to_save or []) + new_heads
+    peft_config.base_model_config = config.to_dict()
+    peft_config.inference_mode = False
+    model = peft.get_peft_model(UniSTDModel(config), peft_config)
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    initial = peft.get_peft_model_state_dict(model)  # in the file's key format; the new heads as initialised
+    missing = [key for key in initial if key not in saved and not any(f".{head}." in key for head in new_heads)]
+    unexpected = [key for key in saved if key not in initial]
+    if missing or unexpected:
+        raise ValueError(f"the adapter in {str(repo_or_dir)!r} does not load into its own model: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    peft.set_peft_model_state_dict(model, {**initial, **saved})
+    for name, param in model.named_parameters():
+        param.requires_grad_("modules_to_save" in name and any(f"{head}." in name for head in new_heads))
+    return model
 
 
 def _adapter_folder(repo_or_dir: str | Path, revision: str | None = None) -> Path:

@@ -154,6 +154,13 @@ def format_report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Ranks after the search", "", f"Total rank: {report['total_rank']:.0f}", "",
                   "| module | ranks per expert |", "|---|---|"]
         lines += [f"| {name} | {', '.join(f'{r:g}' for r in ranks)} |" for name, ranks in report["rank_summary"].items()]
+    if report.get("expert_usage"):
+        from .usage import COLLAPSE_SHARE
+
+        lines += ["", "## Expert usage", "", report.get("expert_collapse") or f"No router collapse (no layer sends more "
+                  f"than {COLLAPSE_SHARE:.0%} of every task's weight to one expert).", "",
+                  "`expert_usage.png`: the mean router weight of every expert per task (numbers: `report.json`, "
+                  "`expert_usage`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +268,7 @@ def plot_validation_curves(runs: dict[str, list[dict]], path: str | Path, metric
 
 @torch.no_grad()
 def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, state: dict) -> None:
-    """report.json, report.md, predictions_<task>.png, ranks.png, validation.png."""
+    """report.json, report.md, predictions_<task>.png, ranks.png, validation.png, expert_usage.png."""
     write_text_atomically(output / "report.json", json.dumps(report, indent=1))
     write_text_atomically(output / "report.md", format_report_markdown(report))
     device = next(model.parameters()).device
@@ -277,6 +284,10 @@ def write_outputs(output: Path, report: dict[str, Any], model, tasks: dict, stat
         plot_rank_history(state["rank_history"], output / "ranks.png")
     if state.get("validation_history"):
         plot_validation_curves({"this run": state["validation_history"]}, output / "validation.png")
+    if report.get("expert_usage"):
+        from .usage import plot_expert_usage
+
+        plot_expert_usage(report["expert_usage"], report.get("rank_summary"), output / "expert_usage.png")
 
 
 def model_card(report: dict[str, Any], repo_id: str, backbone: str | None = None, whole_model: bool = False) -> str:

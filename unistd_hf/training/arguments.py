@@ -23,7 +23,7 @@ from ..configuration_unistd import GATE_MODES
 from ..data import list_tasks
 from ..pretrain import PACKAGED_BACKBONE
 
-__all__ = ["TrainingArguments", "validate_arguments", "parse_clip_counts", "parse_task_options", "SCHEDULES", "ADAPTERS"]
+__all__ = ["TrainingArguments", "validate_arguments", "check_init_from", "parse_clip_counts", "parse_task_options", "SCHEDULES", "ADAPTERS"]
 
 SCHEDULES = ("round_robin", "proportional", "temperature")
 ADAPTERS = ("rankmoe", "lora", "fixed_rank", "none")
@@ -104,6 +104,18 @@ class TrainingArguments:
             "'lora' (one expert at rank max_rank, i.e. LoRA), 'none' (no adapter; see finetune_backbone)."
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "A trained UniSTD adapter folder (a run's output_dir/adapter): add --tasks to that model as new "
+                  "tasks and train only their heads; the backbone, experts, routers, ranks and temporal adapters stay "
+                  "frozen, so the old tasks' predictions stay bit-identical. The architecture comes from the adapter "
+                  "(its backbone and adapter flags are ignored); the saved adapter serves old and new tasks."},
+    )
+    adapt_shared: str = field(
+        default="none",
+        metadata={"help": "With --init_from: what of the shared model the new tasks may adapt. 'none' (the only one "
+                  "implemented): nothing; per-task new experts are not available yet."},
+    )
     finetune_backbone: bool = field(default=False, metadata={"help": "Train the whole backbone (with adapter='none')."})
     num_experts: int = field(default=_RANKMOE_DEFAULTS["num_experts"], metadata={"help": "Experts on q/k/v."})
     out_proj_experts: int = field(default=2, metadata={"help": "Experts on out_proj and the temporal adapters."})
@@ -116,6 +128,11 @@ class TrainingArguments:
         metadata={"help": "gamma of the rank gradient (its overall scale is normalised by the search, see rankmoe_peft/search.py)."},
     )
     router: str = field(default=_RANKMOE_DEFAULTS["router"], metadata={"help": f"One of {ROUTERS}."})
+    load_balancing_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the routers' Switch load-balancing loss E*sum(f_e*p_e) added to the training loss "
+                  "(rankmoe_peft.load_balancing_loss; 0: off, the paper's setting)."},
+    )
     epochs: int = field(default=4, metadata={"help": "Passes over every task's training split."})
     rank_search_epochs: int = field(default=2, metadata={"help": "Epochs of rank search before discretization."})
     batch_size: int = field(default=8, metadata={"help": "Clips per batch and process."})
@@ -173,7 +190,7 @@ def validate_arguments(args: TrainingArguments) -> None:
                     "keep_checkpoints", "log_every", "num_experts", "out_proj_experts", "translator_channels",
                     "translator_depth"),
                 0: ("num_validation", "eval_every", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
-                    "weight_decay", "budget_weight", "fail_at_step", "loss_l1_weight",
+                    "weight_decay", "budget_weight", "fail_at_step", "load_balancing_weight", "loss_l1_weight",
                     "loss_gdl_weight")}
     for low, names in at_least.items():
         for name in names:
@@ -203,6 +220,11 @@ def validate_arguments(args: TrainingArguments) -> None:
     if not args.use_backbone and (args.adapter != "none" or args.finetune_backbone or args.use_temporal_adapter):
         raise ValueError("--use_backbone false skips the Transformer, so nothing on it can train: use it with "
                          "--adapter none --use_temporal_adapter false (and without --finetune_backbone)")
+    if args.load_balancing_weight and (args.method != "unistd" or args.adapter not in ("rankmoe", "fixed_rank")):
+        raise ValueError("--load_balancing_weight balances the routers of RankMoE experts: use it with --adapter rankmoe "
+                         "or fixed_rank (LoRA has one expert, 'none' no router)")
+    if args.init_from is not None:
+        check_init_from(args)
     if args.finetune_backbone and args.adapter != "none":
         raise ValueError("--finetune_backbone trains the whole backbone; use it with --adapter none")
     if args.resume_from_checkpoint not in (None, "latest", "auto") and not Path(args.resume_from_checkpoint).is_dir():
@@ -211,6 +233,27 @@ def validate_arguments(args: TrainingArguments) -> None:
     check_writable(Path(args.output_dir))
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         raise ValueError("--resume_from_checkpoint continues a run, --overwrite_output_dir starts a new one: pick one")
+
+
+def check_init_from(args: TrainingArguments) -> None:
+    """--init_from names a UniSTD adapter and --tasks only tasks it does not have yet."""
+    if args.adapt_shared != "none":
+        raise ValueError(f"--adapt_shared must be 'none' (new experts per task are not implemented), got {args.adapt_shared!r}")
+    if args.method != "unistd":
+        raise ValueError("--init_from extends a UniSTD adapter; it does not apply to --method " + args.method)
+    config_file = Path(args.init_from) / "adapter_config.json"
+    try:
+        recorded = json.loads(config_file.read_text()).get("base_model_config") or {}
+    except (OSError, json.JSONDecodeError):
+        recorded = {}
+    old_tasks = [task.get("name") for task in recorded.get("tasks", [])]
+    if not old_tasks:
+        raise ValueError(f"--init_from {args.init_from!r} is not a UniSTD adapter: expected a folder with an "
+                         "adapter_config.json that records the UniSTD model (a training run's output_dir/adapter)")
+    clash = [task for task in args.tasks if task in old_tasks]
+    if clash:
+        raise ValueError(f"--tasks {clash} already exist in the model of --init_from (its tasks: {old_tasks}); "
+                         "name only the new tasks to add")
 
 
 def parse_task_options(value: str | dict | None, tasks: list[str]) -> dict[str, dict]:

@@ -20,9 +20,10 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from rankmoe_peft import RankSearch
+from rankmoe_peft import RankSearch, RouterRecorder, load_balancing_loss
 
 from .. import report as reporting
+from ..usage import collapse_warning, expert_usage
 from .arguments import TrainingArguments, validate_arguments
 from ..atomic import write_atomically
 from .checkpointing import load_checkpoint, save_checkpoint
@@ -109,7 +110,8 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     check_every_task_trains(tasks, counts, args.batch_size, accelerator.num_processes)
     per_epoch = sum(counts.values())  # every schedule has this length
     total_steps = per_epoch * args.epochs if not args.max_steps else min(args.max_steps, per_epoch * args.epochs)
-    backbone, backbone_sha256 = resolve_run_backbone(args) if args.method == "unistd" else (None, None)
+    extends = args.init_from is not None  # new tasks on a trained model: its backbone, frozen experts and ranks
+    backbone, backbone_sha256 = resolve_run_backbone(args) if args.method == "unistd" and not extends else (None, None)
     identity = run_identity(args, backbone_sha256)
     resume = prepare_run_folder(args, identity, accelerator)  # nothing is written to output_dir before this
 
@@ -118,7 +120,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     unwrapped.check_input_values = False  # checked by the loaders; the step reads nothing back from the device
     search = None
-    if hasattr(model, "rank_parameters"):
+    if hasattr(model, "rank_parameters") and not extends:
         search = RankSearch(model, lr=args.rank_learning_rate, momentum=args.rank_momentum)
     search_epochs = args.rank_search_epochs if args.adapter == "rankmoe" else 0  # lora / fixed_rank: never searched
     weights = weight_parameters(model)
@@ -138,6 +140,7 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     if args.report_to == "tensorboard":
         accelerator.init_trackers("unistd", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
 
+    recorder = RouterRecorder(base_model) if args.load_balancing_weight else None  # router logits of each step
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
                     desc="training", unit="batch")
     meter = LossMeter()
@@ -158,6 +161,10 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                 with accelerator.accumulate(model):
                     loss = model(pixel_values=inputs, task=task_name, labels=targets).loss
                     budget = search.loss() if search is not None else 0.0
+                    if recorder is not None:
+                        balance = load_balancing_loss(recorder)
+                        meter.add(step + 1, epoch, "balance", balance)
+                        budget = budget + args.load_balancing_weight * balance
                     if args.fail_at_step and step + 1 == args.fail_at_step:
                         loss = loss * float("nan")
                     accelerator.backward(loss + budget)
@@ -205,6 +212,8 @@ def train(args: TrainingArguments) -> dict[str, Any]:
         save_checkpoint(accelerator, output, args.keep_checkpoints, state, search, scheduler)
     progress.close()
     meter.flush()
+    if recorder is not None:
+        recorder.remove()
 
     if search is not None and search.searching:
         search.finish()
@@ -215,6 +224,11 @@ def train(args: TrainingArguments) -> dict[str, Any]:
     report = reporting.build_report(args, config, base_model, results, state, time.time() - started,
                                     accelerator.num_processes)
     report["parameter_fingerprints"] = gather_object([parameter_fingerprint(base_model)])  # equal if DDP kept step
+    if accelerator.is_main_process and hasattr(base_model, "rank_summary"):  # which experts serve which task
+        report["expert_usage"] = expert_usage(base_model, tasks, args.eval_batch_size, args.num_test)
+        report["expert_collapse"] = collapse_warning(report["expert_usage"])
+        if report["expert_collapse"]:
+            accelerator.print(report["expert_collapse"])
     if accelerator.is_main_process:
         saved = output / ("adapter" if args.method == "unistd" else "model")  # a reference method saves a whole model
         write_atomically(saved, lambda folder: save_unistd_peft_model(base_model, folder))  # + backbone/ if needed

@@ -15,7 +15,13 @@ from ..baselines import build_reference_model
 from ..configuration_unistd import TaskSpec, UniSTDConfig
 from ..modeling_unistd import UniSTDModel
 from ..atomic import write_atomically
-from ..peft_integration import default_rankmoe_config, expert_pattern, get_unistd_peft_model, names_a_path
+from ..peft_integration import (
+    add_tasks_to_unistd_peft_model,
+    default_rankmoe_config,
+    expert_pattern,
+    get_unistd_peft_model,
+    names_a_path,
+)
 from ..pretrain import CHECKSUM_FILE, PACKAGED_BACKBONE, read_checksums, resolve_backbone, sha256_of
 from .arguments import RANDOM_BACKBONE, TrainingArguments
 
@@ -55,6 +61,8 @@ def build_model(
     random backbone is saved to output_dir/backbone first and loaded from there, so the saved adapter plus that
     folder are all a reload needs."""
     losses = dict(loss_l1_weight=args.loss_l1_weight, loss_gdl_weight=args.loss_gdl_weight)
+    if args.init_from:
+        return extended_model(args.init_from, specs)
     if args.method != "unistd":
         model = build_reference_model(args.method, specs, hid_S=args.hidden_channels, hid_T=args.translator_channels,
                                       N_T=args.translator_depth, residual_to_last_frame=args.residual_to_last_frame, **losses)
@@ -85,6 +93,20 @@ def build_model(
         overrides.update(num_experts=1, num_experts_pattern={}, init_rank=float(args.max_rank))
     model = get_unistd_peft_model(config, default_rankmoe_config(config, **overrides))
     return model, config
+
+
+def extended_model(adapter: str, specs: list[TaskSpec]) -> tuple[torch.nn.Module, Any]:
+    """The model of a saved adapter with the new tasks' heads added (the rest frozen), checked with one forward pass
+    of each new task's clip shape before any training."""
+    model = add_tasks_to_unistd_peft_model(adapter, specs)
+    for spec in specs:
+        try:
+            with torch.no_grad():
+                model(pixel_values=torch.zeros(1, *spec.input_shape), task=spec.name)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"task {spec.name!r} (clips of {spec.input_shape}) cannot run through the model of "
+                             f"--init_from {adapter!r}: {error}") from error
+    return model, model.get_base_model().config
 
 
 def weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
