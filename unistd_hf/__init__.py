@@ -20,6 +20,8 @@ _EXPORTS = {
     "load_unistd_peft_model": "peft_integration",
     "save_unistd_peft_model": "peft_integration",
     "save_backbone": "peft_integration",
+    "add_tasks_to_unistd_peft_model": "peft_integration",
+    "expert_usage": "usage",
     "parameter_report": "report",
     "format_parameter_report": "report",
     "TrainingArguments": "training",

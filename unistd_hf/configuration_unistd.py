@@ -127,6 +127,9 @@ class UniSTDConfig(PretrainedConfig):
             added to the training loss: it asks for spatial edges as strong as the target's; 0 leaves it out.
             Measured on moving_digits (256 batches, one seed): with L1 it moved SSIM 0.619 -> 0.632 but PSNR
             13.91 -> 13.38; alone (with MSE) it kept the grey halo (SSIM 0.07). Neither stops digits fading.
+        task_adapters: {task: [peft adapter names]}: adapters active only for that task, besides the model's main
+            adapter ("default"). Written by `add_tasks_to_unistd_peft_model(..., new_experts=K)`, which gives a task
+            added later experts of its own; empty: every adapter serves every task.
         pretrained_backbone_config: the `CLIPVisionConfig` dict of a pretrained `backbone`; `UniSTDModel` fills it
             in when it loads the checkpoint, so that `UniSTDModel.from_pretrained` of a saved model rebuilds the
             backbone's architecture without the original checkpoint, and a later load can check that the checkpoint
@@ -150,6 +153,7 @@ class UniSTDConfig(PretrainedConfig):
         decoder_skip: bool = True,
         loss_l1_weight: float = 0.0,
         loss_gdl_weight: float = 0.0,
+        task_adapters: dict[str, list[str]] | None = None,
         pretrained_backbone_config: dict | None = None,
         **kwargs: Any,
     ) -> None:
@@ -189,6 +193,7 @@ class UniSTDConfig(PretrainedConfig):
         self.loss_l1_weight = float(loss_l1_weight)
         self.loss_gdl_weight = float(loss_gdl_weight)
         self.group_norm_groups = group_norm_groups
+        self.task_adapters = {task: list(names) for task, names in (task_adapters or {}).items()}
         if isinstance(pretrained_backbone_config, CLIPVisionConfig):
             pretrained_backbone_config = pretrained_backbone_config.to_dict()
         if pretrained_backbone_config is not None and not isinstance(pretrained_backbone_config, dict):

@@ -43,6 +43,8 @@ __all__ = ["UniSTDOutput", "UniSTDModel", "load_clip_backbone", "check_forecast_
 
 # Per-task ModuleDicts; `get_unistd_peft_model` (unistd_hf/peft_integration.py) trains and saves `<name>.<task>`.
 TASK_HEAD_MODULES = ("task_encoders", "input_projections", "output_projections", "task_decoders")
+# The peft adapter that serves every task; `UniSTDConfig.task_adapters` adds per-task ones beside it.
+MAIN_ADAPTER = "default"
 # Architecture fields that must agree between a recorded backbone config and the checkpoint loaded later.
 _BACKBONE_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -226,6 +228,8 @@ class UniSTDModel(PreTrainedModel):
             return_dict: False returns a tuple (loss?, predictions, last_hidden_state).
         """
         spec = self._check_inputs(pixel_values, task, labels)
+        if self.config.task_adapters:
+            self._activate_task_adapters(task)
         B, T, C, H, W = pixel_values.shape
         T_out, (Hp, Wp) = spec.out_frames, spec.token_grid
         N, D, Cp = Hp * Wp, self.width, self.config.hidden_channels
@@ -259,6 +263,17 @@ class UniSTDModel(PreTrainedModel):
             loss = forecast_loss(predictions, labels, self.config.loss_l1_weight, self.config.loss_gdl_weight)
         output = UniSTDOutput(loss=loss, predictions=predictions, last_hidden_state=hidden)
         return output if return_dict else output.to_tuple()
+
+    def _activate_task_adapters(self, task: str) -> None:
+        """The main adapter plus `task`'s own (config.task_adapters) become the active adapters of every RankMoE
+        layer, so another task's experts never run. Set on peft's layer attribute directly: `set_adapter` would
+        also switch requires_grad, and running a task must not unfreeze anything."""
+        from rankmoe_peft import RankMoELayer
+
+        active = [MAIN_ADAPTER, *self.config.task_adapters.get(task, [])]
+        for module in self.modules():
+            if isinstance(module, RankMoELayer):
+                module._active_adapter = active  # a layer without one of them skips it (Linear.forward)
 
     def _check_inputs(self, pixel_values: Any, task: Any, labels: Any) -> TaskSpec:
         return check_forecast_inputs(self.task_specs, pixel_values, task, labels, self.check_input_values)

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from .configuration_unistd import UniSTDConfig
-from .modeling_unistd import TASK_HEAD_MODULES, UniSTDModel
+from .modeling_unistd import MAIN_ADAPTER, TASK_HEAD_MODULES, UniSTDModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -184,8 +184,14 @@ def load_unistd_peft_model(
     import peft
 
     folder, _, config = read_unistd_adapter(repo_or_dir, backbone, revision)
-    model = UniSTDModel(config)
-    return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    own = sorted({name for names in config.task_adapters.values() for name in names})
+    if own and adapter_name != MAIN_ADAPTER:
+        raise ValueError(f"this model has per-task adapters {own}; load its main adapter as {MAIN_ADAPTER!r}")
+    model = peft.PeftModel.from_pretrained(UniSTDModel(config), str(folder), adapter_name=adapter_name,
+                                           is_trainable=is_trainable)
+    for name in own:  # saved by peft in a sub-folder named after the adapter
+        model.load_adapter(str(folder / name), adapter_name=name, is_trainable=is_trainable)
+    return model
 
 
 def read_unistd_adapter(
@@ -228,13 +234,18 @@ def read_unistd_adapter(
     return folder, peft_config, config
 
 
-def add_tasks_to_unistd_peft_model(repo_or_dir: str | Path, new_tasks: list, backbone: str | Path | None = None) -> "PeftModel":
+def add_tasks_to_unistd_peft_model(
+    repo_or_dir: str | Path, new_tasks: list, backbone: str | Path | None = None, new_experts: int = 0
+) -> "PeftModel":
     """A saved UniSTD adapter with heads for `new_tasks` (`TaskSpec`s) added, ready to train them alone.
 
     Every tensor of the saved model loads unchanged and stays frozen (backbone, RankMoE experts, routers and ranks,
-    temporal adapters, the old tasks' heads): only the new tasks' encoders, projections and decoders train. The old
-    tasks' forward passes never touch a new head, so their predictions stay bit-identical. The adapter saved from
-    the result (`save_unistd_peft_model`) serves old and new tasks.
+    temporal adapters, the old tasks' heads): only the new tasks' encoders, projections and decoders train. With
+    `new_experts=K`, each new task also gets a peft adapter of its own (`task_<name>`: K experts with their own
+    router on every adapted layer, ranks fixed at round(init_rank), starting at zero output) that trains with it;
+    `UniSTDConfig.task_adapters` makes it active in that task's forward passes only. Either way the old tasks'
+    forward passes touch nothing new, so their predictions stay bit-identical. The adapter saved from the result
+    (`save_unistd_peft_model`) serves old and new tasks.
     """
     import peft
     from safetensors.torch import load_file
@@ -259,8 +270,19 @@ def add_tasks_to_unistd_peft_model(repo_or_dir: str | Path, new_tasks: list, bac
         raise ValueError(f"the adapter in {str(repo_or_dir)!r} does not load into its own model: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
     peft.set_peft_model_state_dict(model, {**initial, **saved})
-    for name, param in model.named_parameters():
-        param.requires_grad_("modules_to_save" in name and any(f"{head}." in name for head in new_heads))
+    for adapter in sorted({a for adapters in config.task_adapters.values() for a in adapters}):  # earlier additions
+        model.load_adapter(str(folder / adapter), adapter_name=adapter)
+    own = [f"task_{name}" for name in names] if new_experts else []
+    for task, adapter in zip(names, own):
+        extra = dataclasses.replace(peft_config, num_experts=new_experts, num_experts_pattern={}, rank_pattern={},
+                                    modules_to_save=None, init_weights=True, base_model_config=None)
+        model.add_adapter(adapter, extra)
+        model.base_model.discretize_ranks(adapter)  # fixed ranks: nothing of the rank search runs for them
+        model.get_base_model().config.task_adapters[task] = [adapter]
+    for name, param in model.named_parameters():  # add_adapter switches requires_grad: decide it once, here
+        new_head = "modules_to_save" in name and any(f"{head}." in name for head in new_heads)
+        new_expert = any(f".{adapter}" in name for adapter in own) and ".rankmoe_rank." not in name
+        param.requires_grad_(new_head or new_expert)
     return model
 
 

@@ -27,6 +27,7 @@ __all__ = ["TrainingArguments", "validate_arguments", "check_init_from", "parse_
 
 SCHEDULES = ("round_robin", "proportional", "temperature")
 ADAPTERS = ("rankmoe", "lora", "fixed_rank", "none")
+ADAPT_SHARED = ("none", "new_experts")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("jsonl", "tensorboard")
 RANDOM_BACKBONE = "random"
@@ -113,9 +114,11 @@ class TrainingArguments:
     )
     adapt_shared: str = field(
         default="none",
-        metadata={"help": "With --init_from: what of the shared model the new tasks may adapt. 'none' (the only one "
-                  "implemented): nothing; per-task new experts are not available yet."},
+        metadata={"help": "With --init_from: what of the shared model the new tasks may adapt. 'none': nothing (only "
+                  "their heads train); 'new_experts': each adapted layer gets --new_experts experts of the new task's "
+                  "own, active in its forward passes only. The old tasks stay bit-identical with either."},
     )
+    new_experts: int = field(default=2, metadata={"help": "Experts per adapted layer and new task (--adapt_shared new_experts)."})
     finetune_backbone: bool = field(default=False, metadata={"help": "Train the whole backbone (with adapter='none')."})
     num_experts: int = field(default=_RANKMOE_DEFAULTS["num_experts"], metadata={"help": "Experts on q/k/v."})
     out_proj_experts: int = field(default=2, metadata={"help": "Experts on out_proj and the temporal adapters."})
@@ -187,7 +190,7 @@ def validate_arguments(args: TrainingArguments) -> None:
             raise ValueError(f"--{name} must be one of {allowed}, got {getattr(args, name)!r}")
     at_least = {1: ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "num_train", "num_test",
                     "backbone_width", "backbone_layers", "backbone_heads", "hidden_channels", "max_rank",
-                    "keep_checkpoints", "log_every", "num_experts", "out_proj_experts", "translator_channels",
+                    "keep_checkpoints", "log_every", "new_experts", "num_experts", "out_proj_experts", "translator_channels",
                     "translator_depth"),
                 0: ("num_validation", "eval_every", "max_steps", "checkpoint_every", "rank_search_epochs", "max_grad_norm",
                     "weight_decay", "budget_weight", "fail_at_step", "load_balancing_weight", "loss_l1_weight",
@@ -237,8 +240,8 @@ def validate_arguments(args: TrainingArguments) -> None:
 
 def check_init_from(args: TrainingArguments) -> None:
     """--init_from names a UniSTD adapter and --tasks only tasks it does not have yet."""
-    if args.adapt_shared != "none":
-        raise ValueError(f"--adapt_shared must be 'none' (new experts per task are not implemented), got {args.adapt_shared!r}")
+    if args.adapt_shared not in ADAPT_SHARED:
+        raise ValueError(f"--adapt_shared must be one of {ADAPT_SHARED}, got {args.adapt_shared!r}")
     if args.method != "unistd":
         raise ValueError("--init_from extends a UniSTD adapter; it does not apply to --method " + args.method)
     config_file = Path(args.init_from) / "adapter_config.json"

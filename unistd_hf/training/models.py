@@ -62,7 +62,7 @@ def build_model(
     folder are all a reload needs."""
     losses = dict(loss_l1_weight=args.loss_l1_weight, loss_gdl_weight=args.loss_gdl_weight)
     if args.init_from:
-        return extended_model(args.init_from, specs)
+        return extended_model(args.init_from, specs, args.new_experts if args.adapt_shared == "new_experts" else 0)
     if args.method != "unistd":
         model = build_reference_model(args.method, specs, hid_S=args.hidden_channels, hid_T=args.translator_channels,
                                       N_T=args.translator_depth, residual_to_last_frame=args.residual_to_last_frame, **losses)
@@ -95,10 +95,10 @@ def build_model(
     return model, config
 
 
-def extended_model(adapter: str, specs: list[TaskSpec]) -> tuple[torch.nn.Module, Any]:
+def extended_model(adapter: str, specs: list[TaskSpec], new_experts: int = 0) -> tuple[torch.nn.Module, Any]:
     """The model of a saved adapter with the new tasks' heads added (the rest frozen), checked with one forward pass
     of each new task's clip shape before any training."""
-    model = add_tasks_to_unistd_peft_model(adapter, specs)
+    model = add_tasks_to_unistd_peft_model(adapter, specs, new_experts=new_experts)
     for spec in specs:
         try:
             with torch.no_grad():
