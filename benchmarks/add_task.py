@@ -6,13 +6,14 @@ a model trains on), one seed:
   three-task joint         the full method trained on every task but `--new_task`
   + new task (none)        `--init_from` that adapter `--tasks <new task> --adapt_shared none`: only the new task's
                            heads train, for the same batches of the new task as every other row
+  + new task (new_experts) the same with `--adapt_shared new_experts`: its heads and 2 experts of its own per layer
   four-task joint          the full method on all four tasks (the study's `joint` row)
   single-task              the full method on the new task alone (the study's `single` row)
 
-The old tasks are evaluated with the three-task adapter and with the extended one on the same test clips; with
-`none` every number must be identical (the script stops otherwise). With --write-docs the table goes to
+The old tasks are evaluated with the three-task adapter and with each extended one on the same test clips; every
+number must be identical (the script stops otherwise). With --write-docs the table goes to
 docs/RESULTS.md (section "add_task"). Runs whose report matches the arguments are reused from --study_dir (the
-study's output folder) or --output_dir, so after the study only two runs are new.
+study's output folder) or --output_dir, so after the study only three runs are new.
 
     python benchmarks/add_task.py --study_dir outputs/study --write-docs
     python benchmarks/add_task.py --tiny
@@ -95,22 +96,26 @@ def main(argv=None) -> None:
     three = {**study.run_arguments("joint", old_tasks, args.seed, common, options), "output_dir": str(out / "three_tasks")}
     four = study.run_arguments("joint", study.TASKS, args.seed, common, options)
     single = study.run_arguments("single", [args.new_task], args.seed, common, options)
-    added = {**study.run_arguments("joint", [args.new_task], args.seed, common, options), "rank_search_epochs": 0,
-             "init_from": str(out / "three_tasks" / "adapter"), "adapt_shared": "none", "output_dir": str(out / "added")}
     reports = {"three": run(three, [])}
-    reports["added"] = run(added, [])
+    folders = {"none": "added", "new_experts": "added_new_experts"}
+    for mode, folder in folders.items():
+        added = {**study.run_arguments("joint", [args.new_task], args.seed, common, options), "rank_search_epochs": 0,
+                 "init_from": str(out / "three_tasks" / "adapter"), "adapt_shared": mode, "output_dir": str(out / folder)}
+        reports[mode] = run(added, [])
     reports["four"] = run(four, [in_study / "joint"])
     reports["single"] = run(single, [in_study / f"single_{args.new_task}"])
-    old = old_task_metrics(out / "three_tasks" / "adapter", out / "added" / "adapter", old_tasks, common, args.seed,
-                           options.cache_dir)
-    changed = {t: [k for k in before if before[k] != after[k]] for t, (before, after) in old.items()}
+    old = {mode: old_task_metrics(out / "three_tasks" / "adapter", out / folder / "adapter", old_tasks, common,
+                                  args.seed, options.cache_dir) for mode, folder in folders.items()}
+    changed = {(mode, t): [k for k in before if before[k] != after[k]]
+               for mode, metrics in old.items() for t, (before, after) in metrics.items()}
     if any(changed.values()):
         raise SystemExit(f"old tasks changed after adding {args.new_task}: {changed}")
 
     new = args.new_task
     rows = [("four-task joint (all tasks from the start)", reports["four"]),
             ("single-task", reports["single"]),
-            (f"three-task joint + {new} added (`--adapt_shared none`)", reports["added"])]
+            (f"three-task joint + {new} added (`--adapt_shared none`)", reports["none"]),
+            (f"three-task joint + {new} added (`--adapt_shared new_experts`, 2 per layer)", reports["new_experts"])]
     lines = [f"| model | {new} MSE ×1e3 | PSNR | SSIM | batches of {new} | parameters trained for it | wall time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, report in rows:
@@ -120,17 +125,18 @@ def main(argv=None) -> None:
                      f"{report['wall_time_s']:.0f} |")
     base = reports["four"]["tasks"][new]["baseline"]
     lines.append(f"| copy-last-frame | {base['mse'] * 1e3:.2f} | {base['psnr']:.2f} | {base['ssim']:.3f} | - | 0 | - |")
-    old_lines = ["| old task | PSNR before | PSNR after | SSIM before | SSIM after | metrics that changed |",
-                 "|---|---:|---:|---:|---:|---|"]
-    for task, (before, after) in old.items():
-        old_lines.append(f"| {task} | {before['psnr']:.4f} | {after['psnr']:.4f} | {before['ssim']:.4f} | "
-                         f"{after['ssim']:.4f} | none of {len(before)} |")
+    old_lines = ["| old task | PSNR before | after, none | after, new_experts | SSIM before | after, none | "
+                 "after, new_experts | metrics that changed |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for task, (before, after) in old["none"].items():
+        grown = old["new_experts"][task][1]
+        old_lines.append(f"| {task} | {before['psnr']:.4f} | {after['psnr']:.4f} | {grown['psnr']:.4f} | "
+                         f"{before['ssim']:.4f} | {after['ssim']:.4f} | {grown['ssim']:.4f} | none of {len(before)} |")
     body = "\n".join([
         f"Seed {args.seed}; sizes of benchmarks/study_joint.py: {common['batches_per_task']} batches of "
         f"{common['batch_size']} clips of every task a model trains on, backbone `{options.backbone}`. The three-task "
-        f"model trained on {', '.join(old_tasks)} ({three['max_steps']} batches); adding {new} trained only its "
-        f"heads for {common['batches_per_task']} batches, every shared tensor frozen. The parameters column counts "
-        "what trained in that run (the four-task row: the whole adapter and all heads).",
+        f"model trained on {', '.join(old_tasks)} ({three['max_steps']} batches); adding {new} trained its heads "
+        f"(and with new_experts its own experts) for {common['batches_per_task']} batches, every shared tensor frozen. "
+        "The parameters column counts what trained in that run (the four-task row: the whole adapter and all heads).",
         "", "### The new task", "", *lines, "",
         f"### The old tasks before and after adding {new} (same test clips; every metric compared for equality)", "",
         *old_lines,
