@@ -42,6 +42,7 @@ def _loaded(report: dict) -> UniSTDModel:
     return UniSTDModel.from_pretrained(folder)
 
 
+@pytest.mark.slow  # shares the study of every row at tiny size (~3 minutes)
 def test_every_row_sees_the_same_batches_of_each_task(tiny_study):
     runs, common = tiny_study
     assert set(runs) == set(study.ROWS)
@@ -55,6 +56,7 @@ def test_every_row_sees_the_same_batches_of_each_task(tiny_study):
         assert seen == dict.fromkeys(study.TASKS, common["batches_per_task"]), row
 
 
+@pytest.mark.slow  # shares the study of every row at tiny size (~3 minutes)
 def test_rows_build_what_they_name(tiny_study):
     runs, _ = tiny_study
     report = {row: entries[0][1] for row, entries in runs.items()}
@@ -73,6 +75,7 @@ def test_rows_build_what_they_name(tiny_study):
     assert trainable["joint_no_transformer"]["total"]["trainable"] == trainable["joint_no_transformer"]["task heads"]["trainable"]
 
 
+@pytest.mark.slow  # shares the study of every row at tiny size (~3 minutes)
 def test_no_transformer_row_never_runs_the_backbone(tiny_study):
     runs, _ = tiny_study
     model = _loaded(runs["joint_no_transformer"][0][1])
@@ -89,6 +92,7 @@ def test_no_transformer_row_never_runs_the_backbone(tiny_study):
     assert not calls and torch.equal(before, after)
 
 
+@pytest.mark.slow  # shares the study of every row at tiny size (~3 minutes)
 def test_random_backbone_row_differs_from_the_pretrained_one_in_weights_not_shape(tiny_study):
     runs, _ = tiny_study
     pretrained = _loaded(runs["joint"][0][1]).backbone.state_dict()
@@ -98,6 +102,7 @@ def test_random_backbone_row_differs_from_the_pretrained_one_in_weights_not_shap
     assert not torch.equal(pretrained[key], random[key])
 
 
+@pytest.mark.slow  # shares the study of every row at tiny size (~3 minutes)
 def test_study_renders_tables_curves_and_findings(tiny_study, tmp_path):
     runs, common = tiny_study
     raw = {"command": "test", "sizes": common, "seeds": [0], "rows": {r: study.ROWS[r].label for r in runs},

@@ -90,7 +90,7 @@ def plot_expert_usage(usage: dict[str, Any], ranks: dict[str, list[float]] | Non
     kinds = [k for k in MODULE_KINDS if any(layer.endswith(k) for layer in layers)]
     heights = [sum(len(usage["mean"][tasks[0]][layer]) for layer in layers if layer.endswith(k)) for k in kinds]
     figure, axes = plt.subplots(1, len(kinds), figsize=(2.4 + 1.1 * len(tasks) * len(kinds), 1.2 + 0.22 * max(heights)),
-                                squeeze=False)
+                                squeeze=False, gridspec_kw={"wspace": 0.6})
     for axis, kind in zip(axes[0], kinds):
         rows, labels = [], []
         for layer in (name for name in layers if name.endswith(kind)):
@@ -117,7 +117,7 @@ def plot_expert_usage(usage: dict[str, Any], ranks: dict[str, list[float]] | Non
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m unistd_hf.usage`: the usage map and numbers of a saved adapter on its tasks' data."""
-    from .data import load_task
+    from .data import get_task, load_task
     from .peft_integration import load_unistd_peft_model
     from .training.schedule import task_data
 
@@ -139,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"the adapter was trained for tasks {list(base.task_specs)}, not {unknown}")
         tasks = {}
         for name in names:
-            from .data import get_task
-
             options = {"num_train": 1, "num_validation": 1, "num_test": args.num_test} if get_task(name).synthetic else {}
             tasks[name] = task_data(name, load_task(name, data_dir=args.data_dir, seed=args.seed, **options))
     except (ValueError, FileNotFoundError) as error:
