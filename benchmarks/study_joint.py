@@ -376,10 +376,14 @@ def rank_pattern(summaries: list[dict[str, list[float]]]) -> tuple[str, dict[str
 
 
 def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tuple[float, float, str]:
-    """(mean of a - mean of b, spread, 'better' | 'worse' | 'no difference') for a against b; for MSE lower is
-    better. The spread is the sum of both rows' seed std: a difference within it is no difference."""
-    (mean_a, std_a), (mean_b, std_b) = spread(table[a]["metrics"][task][metric]), spread(table[b]["metrics"][task][metric])
+    """(mean of a - mean of b, spread, 'better' | 'worse' | 'no difference' | 'one seed') for a against b; for MSE
+    lower is better. The spread is the sum of both rows' seed std: a difference within it is no difference; with
+    one seed there is no spread to judge by."""
+    values_a, values_b = table[a]["metrics"][task][metric], table[b]["metrics"][task][metric]
+    (mean_a, std_a), (mean_b, std_b) = spread(values_a), spread(values_b)
     diff, noise = mean_a - mean_b, std_a + std_b
+    if min(len(values_a), len(values_b)) < 2:
+        return diff, noise, "one seed"
     if abs(diff) <= noise:
         return diff, noise, "no difference"
     return diff, noise, "better" if (diff < 0 if metric == "mse" else diff > 0) else "worse"
@@ -387,7 +391,7 @@ def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tu
 
 def comparison(table: dict[str, Any], a: str, b: str) -> tuple[str, dict[str, int]]:
     """One sentence: a against b per task (PSNR and SSIM), and the count of verdicts over both metrics."""
-    counts = {"better": 0, "worse": 0, "no difference": 0}
+    counts = {"better": 0, "worse": 0, "no difference": 0, "one seed": 0}
     parts = []
     for task in TASKS:
         cells = []
@@ -401,6 +405,8 @@ def comparison(table: dict[str, Any], a: str, b: str) -> tuple[str, dict[str, in
 
 def overall(counts: dict[str, int]) -> str:
     n = sum(counts.values())
+    if counts["one seed"]:
+        return f"one seed only on {counts['one seed']} of {n} task-metrics, so no verdict"
     if counts["better"] and not counts["worse"]:
         return f"better on {counts['better']} of {n} task-metrics, never worse"
     if counts["worse"] and not counts["better"]:
@@ -436,7 +442,7 @@ def findings(table: dict[str, Any], rows: list[str]) -> str:
             lines.append(f"- **{label}**: {question}: {overall(counts)}. {text}.")
     if {"joint", "joint_no_transformer"} <= have:
         _, counts = comparison(table, "joint", "joint_no_transformer")
-        if not counts["better"]:
+        if not counts["better"] and not counts["one seed"]:
             lines.insert(0, "**The no-Transformer control matches or beats the full model** (no task-metric where the "
                          "full model is better beyond the spread): at this scale the per-task heads and the residual "
                          "to the last frame do the work, and the shared backbone with its adapters does not earn its "
