@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import tiny_clip
@@ -116,3 +118,25 @@ def test_switched_off_the_balancing_loss_changes_no_gradient():
         (task + 0.0 * load_balancing_loss(recorder)).backward()
     for name, grad in plain.items():
         assert torch.equal(grad, dict(model.named_parameters())[name].grad), name
+
+
+def test_training_adds_the_balancing_loss_only_when_asked(tmp_path):
+    """--load_balancing_weight > 0 logs `loss/balance` and moves the routers differently; 0 adds nothing."""
+    from unistd_hf.training import TrainingArguments, train
+
+    def run(weight: float, name: str) -> tuple[list[dict], dict]:
+        args = TrainingArguments(
+            tasks=["city_traffic"], output_dir=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), backbone="random",
+            backbone_width=32, backbone_layers=1, backbone_heads=2, hidden_channels=8, num_train=8, num_train_per_task="",
+            num_validation=2, num_test=2, batch_size=4, epochs=1, rank_search_epochs=1, log_every=1, cpu=True,
+            load_balancing_weight=weight)
+        report = train(args)
+        logs = [json.loads(line) for line in (tmp_path / name / "logs.jsonl").read_text().splitlines()]
+        return logs, report
+
+    off, report_off = run(0.0, "off")
+    on, report_on = run(0.5, "on")
+    assert all("loss/balance" not in record for record in off)
+    assert all(1.0 <= record["loss/balance"] <= 6.0 for record in on)
+    assert report_on["expert_usage"]["mean"] != report_off["expert_usage"]["mean"]  # the routers trained differently
+    assert report_on["tasks"]["city_traffic"]["baseline"] == report_off["tasks"]["city_traffic"]["baseline"]
