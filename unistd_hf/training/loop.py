@@ -1,8 +1,10 @@
 """`train()`: the joint multi-task loop behind `accelerate launch examples/train_unistd.py`.
 
 Weights are trained by AdamW (cosine schedule with warm-up); ranks by `rankmoe_peft.RankSearch` for the first
-`rank_search_epochs`, after which they are discretized and frozen. The loss is MSE (the model's) plus the rank
-budget term while searching. The step reads nothing back from the device except at logging steps.
+`rank_search_epochs`, after which they are discretized and frozen. The loss is the model's forecast loss plus the
+rank budget term while searching, plus the routers' load-balancing term when `--load_balancing_weight` is set. The
+step reads nothing back from the device except at logging and `--eval_every` validation steps. With `--init_from`
+the run adds its tasks to a trained model and trains only what belongs to them.
 """
 
 from __future__ import annotations
