@@ -26,8 +26,8 @@ random backbone and task order; a seed's rows share all of them.
 
 Reported per task: MSE, PSNR, SSIM, ssim_openstl (and CSI, mean over the six SEVIR VIL thresholds, for rain_nowcast),
 trainable parameters and wall time, mean ± sample std over seeds; final ranks of the full method; and findings per
-claim computed from the numbers: a difference within the spread (the sum of the two rows' seed std) is reported as
-no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
+claim computed from the numbers, paired by seed: a difference within the spread of the per-seed differences, or
+whose sign changes between seeds, is reported as no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
 docs/study_joint.json and the curves to docs/study_joint_curves.png; without it, everything stays in --output_dir.
 
     python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study, ~2 h on 2 CPU cores
@@ -265,12 +265,13 @@ def collect(runs: dict[int, dict[str, Any]], rows: list[str]) -> dict[str, Any]:
     """table[row] = metrics[task][metric] -> per-seed list, params/time per task and per row; table["_baseline"]."""
     table: dict[str, Any] = {}
     for row in rows:
-        entry = {"metrics": {t: {} for t in TASKS}, "params_task": {t: [] for t in TASKS},
+        entry = {"seeds": [], "metrics": {t: {} for t in TASKS}, "params_task": {t: [] for t in TASKS},
                  "time_task": {t: [] for t in TASKS}, "params_row": [], "time_row": []}
         for seed in sorted(runs):
             if row not in runs[seed] or (ROWS[row].per_task and len(runs[seed][row]) < len(TASKS)):
                 continue
             parts = row_parts(runs[seed], row)
+            entry["seeds"].append(seed)
             entry["params_row"].append(sum(p["trainable_parameters"] for p in parts))
             entry["time_row"].append(sum(p["wall_time_s"] for p in parts))
             for task in TASKS:
@@ -376,15 +377,19 @@ def rank_pattern(summaries: list[dict[str, list[float]]]) -> tuple[str, dict[str
 
 
 def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tuple[float, float, str]:
-    """(mean of a - mean of b, spread, 'better' | 'worse' | 'no difference' | 'one seed') for a against b; for MSE
-    lower is better. The spread is the sum of both rows' seed std: a difference within it is no difference; with
-    one seed there is no spread to judge by."""
-    values_a, values_b = table[a]["metrics"][task][metric], table[b]["metrics"][task][metric]
-    (mean_a, std_a), (mean_b, std_b) = spread(values_a), spread(values_b)
-    diff, noise = mean_a - mean_b, std_a + std_b
-    if min(len(values_a), len(values_b)) < 2:
-        return diff, noise, "one seed"
-    if abs(diff) <= noise:
+    """(difference, spread, 'better' | 'worse' | 'no difference' | 'one seed') of row a against row b; for MSE lower
+    is better. Paired by seed (a seed's rows share data, backbone and initialisation, so the seeds' different data do
+    not count as noise): the difference is the mean over seeds of a - b, the spread their sample std. A difference
+    within the spread, or one whose sign changes between seeds, is no difference; one seed gives no verdict."""
+    def by_seed(row: str) -> dict[int, float]:
+        return dict(zip(table[row]["seeds"], table[row]["metrics"][task][metric]))
+
+    values_a, values_b = by_seed(a), by_seed(b)
+    diffs = [values_a[s] - values_b[s] for s in sorted(set(values_a) & set(values_b))]
+    if len(diffs) < 2:
+        return (diffs[0] if diffs else math.nan), 0.0, "one seed"
+    diff, noise = statistics.fmean(diffs), statistics.stdev(diffs)
+    if abs(diff) <= noise or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         return diff, noise, "no difference"
     return diff, noise, "better" if (diff < 0 if metric == "mse" else diff > 0) else "worse"
 
@@ -513,8 +518,10 @@ def render(raw: dict[str, Any], notes: str = "", curves: str | None = None) -> s
         f"shape, {common['random_shape']}), C'={common['hidden_channels']}, {common['num_train']} training, "
         f"{common['num_validation']} validation and {common['num_test']} test clips per task, AdamW lr 3e-3 with "
         f"cosine decay and the library's default loss (MSE + L1) for every row; rank search over the first "
-        f"{raw['search_fraction']:.0%} of the epochs. Seeds {seeds}: mean ± sample std; a difference within the "
-        f"sum of the two rows' std is reported as no difference. Wall time: seconds per row inside `train()` "
+        f"{raw['search_fraction']:.0%} of the epochs. Seeds {seeds}: mean ± sample std over seeds (the seeds differ in "
+        f"data, so the std mostly shows how hard each seed's clips are). Findings compare two rows paired by seed: "
+        f"the mean of the per-seed differences against their std; a difference within that spread, or one whose sign "
+        f"changes between seeds, is reported as no difference. Wall time: seconds per row inside `train()` "
         f"({raw['jobs']} run(s) side by side with {raw['threads']} torch thread(s) each, so it is indicative only). "
         f"Whole study: {raw['total_wall_time_s'] / 60:.0f} min. Raw numbers: `docs/study_joint.json`."
         + (" **Partial: not every run finished.**" if raw.get("partial") else ""),

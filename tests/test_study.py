@@ -119,9 +119,16 @@ def test_study_renders_tables_curves_and_findings(tiny_study, tmp_path):
         assert label in text
 
 
-def test_verdict_calls_a_difference_within_the_spread_no_difference():
-    table = {"a": {"metrics": {"t": {"psnr": [20.0, 21.0], "mse": [0.010, 0.011]}}},
-             "b": {"metrics": {"t": {"psnr": [20.2, 20.4], "mse": [0.020, 0.021]}}}}
-    assert study.verdict(table, "a", "b", "t", "psnr")[2] == "no difference"  # 0.2 dB apart, spread 0.85
-    diff, noise, word = study.verdict(table, "a", "b", "t", "mse")
-    assert word == "better" and diff == pytest.approx(-0.01) and noise == pytest.approx(2 * 0.0007071, rel=1e-3)
+def test_verdict_pairs_seeds_and_calls_a_difference_within_the_spread_no_difference():
+    def table(a: list[float], b: list[float], seeds=(0, 1, 2)) -> dict:
+        return {"a": {"seeds": list(seeds), "metrics": {"t": {"psnr": a, "mse": a}}},
+                "b": {"seeds": list(seeds), "metrics": {"t": {"psnr": b, "mse": b}}}}
+
+    # seeds differ by 5 dB (their data), the pairs by +0.3 +- 0.1: a real difference
+    diff, noise, word = study.verdict(table([20.3, 25.4, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "psnr")
+    assert word == "better" and diff == pytest.approx(0.3) and noise == pytest.approx(0.1)
+    assert study.verdict(table([20.3, 25.4, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "mse")[2] == "worse"
+    assert study.verdict(table([20.3, 24.8, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "psnr")[2] == "no difference"
+    assert study.verdict(table([20.9, 25.1], [20.0, 25.0], seeds=(0, 1)), "a", "b", "t", "psnr")[2] == "no difference"
+    one = {"a": {"seeds": [0], "metrics": {"t": {"psnr": [21.0]}}}, "b": {"seeds": [0, 1], "metrics": {"t": {"psnr": [20.0, 22.0]}}}}
+    assert study.verdict(one, "a", "b", "t", "psnr")[2] == "one seed"
