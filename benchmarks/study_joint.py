@@ -26,8 +26,8 @@ random backbone and task order; a seed's rows share all of them.
 
 Reported per task: MSE, PSNR, SSIM, ssim_openstl (and CSI, mean over the six SEVIR VIL thresholds, for rain_nowcast),
 trainable parameters and wall time, mean ± sample std over seeds; final ranks of the full method; and findings per
-claim computed from the numbers, paired by seed: a difference within the spread of the per-seed differences, or
-whose sign changes between seeds, is reported as no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
+claim computed from the numbers, paired by seed: a difference whose 95 % confidence interval (Student's t over the
+per-seed differences) includes 0 is reported as no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
 docs/study_joint.json and the curves to docs/study_joint_curves.png; without it, everything stays in --output_dir.
 
     python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study, ~2 h on 2 CPU cores
@@ -74,6 +74,8 @@ TASKS = list_tasks(synthetic=True)
 DOCS = ROOT / "docs"
 BASELINE_LABEL = "copy-last-frame"
 METRICS = ("mse", "psnr", "ssim", "ssim_openstl", "csi")
+# Student's t, 97.5 % quantile, by degrees of freedom (seeds - 1): the 95 % interval of a paired mean difference.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
@@ -379,8 +381,9 @@ def rank_pattern(summaries: list[dict[str, list[float]]]) -> tuple[str, dict[str
 def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tuple[float, float, str]:
     """(difference, spread, 'better' | 'worse' | 'no difference' | 'one seed') of row a against row b; for MSE lower
     is better. Paired by seed (a seed's rows share data, backbone and initialisation, so the seeds' different data do
-    not count as noise): the difference is the mean over seeds of a - b, the spread their sample std. A difference
-    within the spread, or one whose sign changes between seeds, is no difference; one seed gives no verdict."""
+    not count as noise): the difference is the mean over seeds of a - b, the spread the half-width of its 95 %
+    confidence interval (Student's t, n-1 degrees of freedom: 12.7 x std / sqrt(2) for two seeds). A difference
+    within the spread is no difference; one seed gives no verdict."""
     def by_seed(row: str) -> dict[int, float]:
         return dict(zip(table[row]["seeds"], table[row]["metrics"][task][metric]))
 
@@ -388,8 +391,9 @@ def verdict(table: dict[str, Any], a: str, b: str, task: str, metric: str) -> tu
     diffs = [values_a[s] - values_b[s] for s in sorted(set(values_a) & set(values_b))]
     if len(diffs) < 2:
         return (diffs[0] if diffs else math.nan), 0.0, "one seed"
-    diff, noise = statistics.fmean(diffs), statistics.stdev(diffs)
-    if abs(diff) <= noise or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+    diff = statistics.fmean(diffs)
+    noise = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if abs(diff) <= noise:
         return diff, noise, "no difference"
     return diff, noise, "better" if (diff < 0 if metric == "mse" else diff > 0) else "worse"
 
@@ -520,8 +524,9 @@ def render(raw: dict[str, Any], notes: str = "", curves: str | None = None) -> s
         f"cosine decay and the library's default loss (MSE + L1) for every row; rank search over the first "
         f"{raw['search_fraction']:.0%} of the epochs. Seeds {seeds}: mean ± sample std over seeds (the seeds differ in "
         f"data, so the std mostly shows how hard each seed's clips are). Findings compare two rows paired by seed: "
-        f"the mean of the per-seed differences against their std; a difference within that spread, or one whose sign "
-        f"changes between seeds, is reported as no difference. Wall time: seconds per row inside `train()` "
+        f"the mean of the per-seed differences with its 95 % confidence interval (Student's t); a difference whose "
+        f"interval includes 0 is reported as no difference, and with two seeds only a large, consistent difference "
+        f"passes. Wall time: seconds per row inside `train()` "
         f"({raw['jobs']} run(s) side by side with {raw['threads']} torch thread(s) each, so it is indicative only). "
         f"Whole study: {raw['total_wall_time_s'] / 60:.0f} min. Raw numbers: `docs/study_joint.json`."
         + (" **Partial: not every run finished.**" if raw.get("partial") else ""),

@@ -124,11 +124,13 @@ def test_verdict_pairs_seeds_and_calls_a_difference_within_the_spread_no_differe
         return {"a": {"seeds": list(seeds), "metrics": {"t": {"psnr": a, "mse": a}}},
                 "b": {"seeds": list(seeds), "metrics": {"t": {"psnr": b, "mse": b}}}}
 
-    # seeds differ by 5 dB (their data), the pairs by +0.3 +- 0.1: a real difference
+    # seeds differ by 5 dB (their data), the pairs by +0.3 +- 0.1: the interval 0.3 +- 4.303 * 0.1 / sqrt(3) excludes 0
     diff, noise, word = study.verdict(table([20.3, 25.4, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "psnr")
-    assert word == "better" and diff == pytest.approx(0.3) and noise == pytest.approx(0.1)
+    assert word == "better" and diff == pytest.approx(0.3) and noise == pytest.approx(4.303 * 0.1 / 3**0.5)
     assert study.verdict(table([20.3, 25.4, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "mse")[2] == "worse"
     assert study.verdict(table([20.3, 24.8, 30.2], [20.0, 25.0, 30.0]), "a", "b", "t", "psnr")[2] == "no difference"
-    assert study.verdict(table([20.9, 25.1], [20.0, 25.0], seeds=(0, 1)), "a", "b", "t", "psnr")[2] == "no difference"
+    # two seeds: +0.04 and +0.06 is consistent but within 12.7 * 0.014 / sqrt(2); +0.50 and +0.52 is not
+    assert study.verdict(table([20.04, 25.06], [20.0, 25.0], seeds=(0, 1)), "a", "b", "t", "psnr")[2] == "no difference"
+    assert study.verdict(table([20.50, 25.52], [20.0, 25.0], seeds=(0, 1)), "a", "b", "t", "psnr")[2] == "better"
     one = {"a": {"seeds": [0], "metrics": {"t": {"psnr": [21.0]}}}, "b": {"seeds": [0, 1], "metrics": {"t": {"psnr": [20.0, 22.0]}}}}
     assert study.verdict(one, "a", "b", "t", "psnr")[2] == "one seed"
