@@ -30,7 +30,7 @@ claim computed from the numbers, paired by seed: a difference whose 95 % confide
 per-seed differences) includes 0 is reported as no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
 docs/study_joint.json and the curves to docs/study_joint_curves.png; without it, everything stays in --output_dir.
 
-    python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study, ~2 h on 2 CPU cores
+    python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study: 133 min on 2 CPU cores
     python benchmarks/study_joint.py --tiny                    # smoke test, a few minutes
     python benchmarks/study_joint.py --scale 8 --device auto --backbone openai/clip-vit-base-patch16  # a GPU
     python benchmarks/study_joint.py --rows joint joint_no_transformer --seeds 0 1 2
