@@ -184,14 +184,19 @@ def load_unistd_peft_model(
     import peft
 
     folder, _, config = read_unistd_adapter(repo_or_dir, backbone, revision)
-    own = sorted({name for names in config.task_adapters.values() for name in names})
-    if own and adapter_name != MAIN_ADAPTER:
-        raise ValueError(f"this model has per-task adapters {own}; load its main adapter as {MAIN_ADAPTER!r}")
+    if config.task_adapters and adapter_name != MAIN_ADAPTER:
+        raise ValueError(f"this model has per-task adapters {config.task_adapters}; load its main adapter as "
+                         f"{MAIN_ADAPTER!r}")
     model = peft.PeftModel.from_pretrained(UniSTDModel(config), str(folder), adapter_name=adapter_name,
                                            is_trainable=is_trainable)
-    for name in own:  # saved by peft in a sub-folder named after the adapter
-        model.load_adapter(str(folder / name), adapter_name=name, is_trainable=is_trainable)
+    _load_task_adapters(model, folder, config, is_trainable)
     return model
+
+
+def _load_task_adapters(model: "PeftModel", folder: Path, config: UniSTDConfig, is_trainable: bool = False) -> None:
+    """The per-task adapters of `config.task_adapters`, which peft saved in sub-folders named after them."""
+    for name in sorted({name for names in config.task_adapters.values() for name in names}):
+        model.load_adapter(str(folder / name), adapter_name=name, is_trainable=is_trainable)
 
 
 def read_unistd_adapter(
@@ -270,8 +275,7 @@ def add_tasks_to_unistd_peft_model(
         raise ValueError(f"the adapter in {str(repo_or_dir)!r} does not load into its own model: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
     peft.set_peft_model_state_dict(model, {**initial, **saved})
-    for adapter in sorted({a for adapters in config.task_adapters.values() for a in adapters}):  # earlier additions
-        model.load_adapter(str(folder / adapter), adapter_name=adapter)
+    _load_task_adapters(model, folder, config)  # experts of tasks added earlier
     own = [f"task_{name}" for name in names] if new_experts else []
     for task, adapter in zip(names, own):
         extra = dataclasses.replace(peft_config, num_experts=new_experts, num_experts_pattern={}, rank_pattern={},

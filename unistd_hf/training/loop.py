@@ -79,6 +79,12 @@ class LossMeter:
         return {task: sum(v) / len(v) for task, v in sums.items()}
 
 
+def append_log(output: Path, record: dict[str, Any]) -> None:
+    """One JSON line of logs.jsonl (training losses or validation metrics)."""
+    with open(output / "logs.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def validate(model: torch.nn.Module, tasks: dict, args: TrainingArguments, accelerator: Accelerator,
              state: dict[str, Any]) -> dict[str, Any]:
     """Metrics of every task on its validation clips at this step, appended to state["validation_history"] (the
@@ -197,14 +203,12 @@ def train(args: TrainingArguments) -> dict[str, Any]:
                     state["rank_history"].append({"step": step, "ranks": search.summary()})
                 progress.set_postfix({n.split("/")[-1]: f"{v:.4f}" for n, v in record.items() if n.startswith("loss/")})
                 if accelerator.is_main_process:
-                    with open(output / "logs.jsonl", "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    append_log(output, record)
                 accelerator.log(record, step=step)
             if args.eval_every and step % args.eval_every == 0:
                 record = validate(base_model, tasks, args, accelerator, state)
                 if accelerator.is_main_process:
-                    with open(output / "logs.jsonl", "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    append_log(output, record)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 meter.flush()  # never checkpoint weights that a non-finite loss has touched
                 save_checkpoint(accelerator, output, args.keep_checkpoints, state, search, scheduler)
