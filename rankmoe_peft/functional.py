@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FractionalRankMask", "fractional_rank_mask", "hard_rank_mask", "route", "gate_floor"]
+__all__ = ["FractionalRankMask", "MixtureOfExperts", "fractional_rank_mask", "hard_rank_mask", "route", "gate_floor"]
 
 
 class FractionalRankMask(torch.autograd.Function):
@@ -91,8 +91,8 @@ def route(logits: torch.Tensor, top_k: int | None = None, overwrite_logits: bool
     graph has not saved it, as the RankMoE layer does with the logits it has just computed.
     """
     num_experts = logits.shape[-1]
-    if top_k is None and not (logits.requires_grad and torch.is_grad_enabled()):
-        return F.threshold_(logits.softmax(dim=-1), gate_floor(logits.dtype), 0.0)
+    if not (logits.requires_grad and torch.is_grad_enabled()):
+        return _gates(logits, top_k)
     with torch.no_grad():  # which experts are kept is a discrete choice: no gradient through it
         # exp(l - max) / Z >= floor for Z <= num_experts when l - max >= log(floor * num_experts)
         dropped = (logits - logits.amax(dim=-1, keepdim=True)) < math.log(gate_floor(logits.dtype) * num_experts)
@@ -103,3 +103,109 @@ def route(logits: torch.Tensor, top_k: int | None = None, overwrite_logits: bool
     if not overwrite_logits:
         logits = logits.masked_fill(dropped, -math.inf)
     return logits.softmax(dim=-1)
+
+
+class MixtureOfExperts(torch.autograd.Function):
+    """The training path of a RankMoE layer as one autograd node: `result + delta`, with
+
+        gates = softmax(router(x))                                  (U, E), one row per routing unit
+        delta = sum_e gates_e * (x @ A_e * mask_e * scaling) @ B_e  (N, out)
+
+    `result` (..., out) is the base layer's output (the last matmul adds into it), x (..., in) its input. mask
+    (E, R) is the soft mask of the continuous ranks (`FractionalRankMask`, with its gradient rule), or for frozen
+    ranks the given `column_scale` (mask * scaling). A routing unit is one token (token router, U = N) or N / U
+    consecutive tokens whose mean the router sees (sequence router). `options` = (scaling, rank_grad_scale, U,
+    top_k, fuse_router).
+
+    Why one node: at small widths a layer's step costs the number of kernels and autograd nodes, not flops, so the
+    forward is about ten kernels and the backward is written out (about twenty) instead of the ~45 that autograd
+    records for the same math. With `fuse_router` (token router) the router's rows ride in the experts' matmul,
+    forward and backward, so a large input is read once by each matmul it takes part in. Gates are those of
+    `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the softmax backward uses them as well.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, A, B, weight, bias, rank, column_scale, options):
+        scaling, rank_grad_scale, units, top_k, fuse_router = options
+        num_experts, _, columns = A.shape
+        shape = result.shape  # (..., out); reshaped here, so that no view nodes surround this one
+        x = x.reshape(-1, x.shape[-1])  # (N, in)
+        tokens = x.shape[0]
+        if column_scale is None:  # ranks being searched: mask_j(r) = clamp(r - j, 0, 1)
+            positions = torch.arange(columns, device=rank.device, dtype=rank.dtype)  # (R,)
+            column_scale = (rank.unsqueeze(1) - positions).clamp_(0.0, 1.0)  # (E, R)
+            if scaling != 1.0:
+                column_scale.mul_(scaling)
+            if column_scale.dtype != A.dtype:
+                column_scale = column_scale.to(A.dtype)
+        A_columns = (A.transpose(1, 2) * column_scale.unsqueeze(-1)).reshape(num_experts * columns, -1)  # (E*R, in)
+        if fuse_router:  # one matmul gives the hidden values and the logits
+            matrix = torch.cat([A_columns, weight])  # (E*R+E, in)
+            hidden, logits = F.linear(x, matrix).split([num_experts * columns, num_experts], dim=-1)
+            logits, router_input = logits + bias, x  # (N, E)
+        else:
+            matrix = A_columns
+            router_input = x if units == tokens else x.view(units, -1, x.shape[-1]).mean(dim=1)  # (U, in)
+            hidden = F.linear(x, A_columns)  # (N, E*R)
+            logits = F.linear(router_input, weight, bias)  # (U, E)
+        gates = _gates(logits, top_k)  # (U, E)
+        hidden = hidden.view(units, -1, num_experts, columns)  # (U, S, E, R)
+        gated = hidden * gates.view(units, 1, num_experts, 1)  # (U, S, E, R); freed after forward, not kept
+        B_rows = B.view(num_experts * columns, -1)  # (E*R, out)
+        # inputs go through save_for_backward (in-place checks); intermediates are kept on ctx, which is cheaper
+        ctx.save_for_backward(x, A, B, weight, rank)
+        ctx.intermediates = (column_scale, matrix, hidden, gates, router_input, B_rows)
+        ctx.rank_factor = rank_grad_scale * scaling
+        ctx.fuse_router, ctx.input_shape = fuse_router, shape[:-1] + (x.shape[-1],)
+        return torch.addmm(result.reshape(tokens, -1), gated.view(tokens, -1), B_rows).view(shape)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, weight, rank = ctx.saved_tensors
+        column_scale, matrix, hidden, gates, router_input, B_rows = ctx.intermediates
+        num_experts, _, columns = A.shape
+        units, tokens = gates.shape[0], x.shape[0]
+        _, need_x, need_A, need_B, need_weight, need_bias, need_rank = ctx.needs_input_grad[:7]
+        grad_result, grad_out = grad_out, grad_out.reshape(tokens, -1)  # (..., out), (N, out)
+        gates_4d = gates.view(units, 1, num_experts, 1)
+        grad_gated = F.linear(grad_out, B_rows).view_as(hidden)  # (U, S, E, R)
+        grad_B = ((hidden * gates_4d).view(tokens, -1).t() @ grad_out).view_as(B) if need_B else None  # (E, R, out)
+        grad_gates = torch.linalg.vecdot(grad_gated, hidden)  # (U, S, E)
+        grad_gates = grad_gates.view(units, num_experts) if grad_gates.shape[1] == 1 else grad_gates.sum(dim=1)
+        grad_logits = torch._softmax_backward_data(grad_gates, gates, -1, gates.dtype)  # (U, E)
+        grad_hidden = (grad_gated * gates_4d).view(tokens, -1)  # (N, E*R)
+        grad_bias = grad_logits.sum(dim=0) if need_bias else None
+        if ctx.fuse_router:
+            grad_both = torch.cat([grad_hidden, grad_logits], dim=-1)  # (N, E*R+E)
+            grad_x = grad_both @ matrix if need_x else None
+            grad_columns, grad_weight = (grad_both.t() @ x).split([num_experts * columns, num_experts])
+        else:
+            grad_columns = grad_hidden.t() @ x  # (E*R, in)
+            grad_weight = grad_logits.t() @ router_input if need_weight else None  # (E, in)
+            grad_x = None
+            if need_x and units == tokens:
+                grad_x = torch.addmm(grad_logits @ weight, grad_hidden, matrix)  # (N, in)
+            elif need_x:  # the router saw the mean of each unit's S tokens
+                S = tokens // units
+                grad_x = (grad_hidden @ matrix).view(units, S, -1) + (grad_logits @ weight).unsqueeze(1) / S
+                grad_x = grad_x.view(tokens, -1)
+        grad_columns = grad_columns.view(num_experts, columns, -1)  # (E, R, in), w.r.t. the scaled columns
+        grad_A = (grad_columns * column_scale.unsqueeze(-1)).transpose(1, 2) if need_A else None  # (E, in, R)
+        grad_rank = None
+        if need_rank:  # the rule of FractionalRankMask: only the component k = floor(r) gets dL/dmask
+            active = rank.clamp(0, columns - 1).long().unsqueeze(1)  # (E, 1): floor of the rank clamped to [0, R-1]
+            grad_scale = torch.linalg.vecdot(grad_columns, A.transpose(1, 2)).gather(1, active)  # (E, 1) dL/dscale
+            grad_rank = grad_scale.view(-1).to(rank.dtype)  # (E,)
+            if ctx.rank_factor != 1.0:
+                grad_rank.mul_(ctx.rank_factor)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.input_shape)
+        return grad_result, grad_x, grad_A, grad_B, grad_weight, grad_bias, grad_rank, None, None
+
+
+def _gates(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """`route`'s gates for logits nobody differentiates through (`MixtureOfExperts` writes the softmax backward)."""
+    num_experts = logits.shape[-1]
+    if top_k is not None and top_k < num_experts:
+        logits = logits.scatter(-1, logits.topk(num_experts - top_k, dim=-1, largest=False).indices, -math.inf)
+    return F.threshold_(logits.softmax(dim=-1), gate_floor(logits.dtype), 0.0)

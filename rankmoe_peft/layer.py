@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import RankMoEConfig
-from .functional import fractional_rank_mask, hard_rank_mask, route
+from .functional import MixtureOfExperts, fractional_rank_mask, hard_rank_mask, route
 
 __all__ = ["RankMoELayer", "Linear", "ExpertSettings", "ADAPTABLE_LAYERS", "FUSE_MIN_INPUT", "layer_features"]
 
@@ -76,7 +76,7 @@ class RankMoELayer(BaseTunerLayer):
         self.rankmoe_settings: dict[str, ExpertSettings] = {}
         self.rank_frozen: dict[str, bool] = {}
         self._inference_cache: dict[str, tuple] = {}  # not a buffer: never saved
-        self._hard_mask_cache: dict[str, tuple] = {}  # discretized ranks are frozen: their 0/1 mask is reused
+        self._hard_mask_cache: dict[str, tuple] = {}  # discretized ranks are frozen: their column scale is reused
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -173,18 +173,53 @@ class RankMoELayer(BaseTunerLayer):
 
     # --- the math ----------------------------------------------------------------------------------------------------
 
-    def rank_mask(self, adapter_name: str) -> torch.Tensor:
-        """(E, R) soft mask while ranks are searched, hard 0/1 mask once they are discretized."""
-        rank = self.rankmoe_rank[adapter_name]
-        columns = self.rankmoe_A[adapter_name].shape[-1]
-        if self.rank_frozen[adapter_name]:
-            key = (rank._version, rank.data_ptr(), columns)
-            cached = self._hard_mask_cache.get(adapter_name)
-            if cached is None or cached[0] != key:
-                cached = (key, hard_rank_mask(rank, columns))
-                self._hard_mask_cache[adapter_name] = cached
-            return cached[1]
-        return fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
+
+        Training: one autograd node, `functional.MixtureOfExperts` (forward and backward written out; for inputs of
+        at least `FUSE_MIN_INPUT` numbers the router shares the experts' matmuls). With active dropout the
+        experts see the dropped input and the router the clean one, and plain autograd runs the same math
+        (`_dropout_delta`). Without autograd, only the columns a rank keeps are computed, from a cache
+        (`_inference_delta`).
+        """
+        A = self.rankmoe_A[adapter_name]  # (E, in, R)
+        x = self._cast_input_dtype(x, A.dtype)
+        dropout = self.rankmoe_dropout[adapter_name]
+        if self.training and isinstance(dropout, nn.Dropout):
+            return self._dropout_delta(adapter_name, x, dropout)
+        if not torch.is_grad_enabled():
+            return self._inference_delta(adapter_name, x)
+        return self._mixture(adapter_name, x, None)
+
+    def _mixture(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """`result + adapter_delta(x)` (the delta alone for result None) through `functional.MixtureOfExperts`.
+        Written for per-call overhead: at small widths every lookup, view and autograd node shows in the step."""
+        settings, router = self.rankmoe_settings[adapter_name], self.rankmoe_router[adapter_name]
+        B = self.rankmoe_B[adapter_name]
+        per_sequence = x.dim() >= 3 and settings.router == "sequence"
+        units = x.shape[0] if per_sequence else x.numel() // x.shape[-1]
+        column_scale = self.column_scale(adapter_name) if self.rank_frozen[adapter_name] else None  # None: inside
+        options = (self.scaling[adapter_name], settings.rank_grad_scale, units, settings.top_k,
+                   not per_sequence and x.numel() >= FUSE_MIN_INPUT)
+        if result is None:
+            result = x.new_zeros(*x.shape[:-1], B.shape[-1])
+        return MixtureOfExperts.apply(result, x, self.rankmoe_A[adapter_name], B, router.weight, router.bias,
+                                      self.rankmoe_rank[adapter_name], column_scale, options)  # (..., out)
+
+    def column_scale(self, adapter_name: str) -> torch.Tensor:
+        """(E, R) rank mask times the LoRA scaling, in A's dtype: the soft mask of the searched ranks (differentiable
+        by the rule of `FractionalRankMask`), or the hard 0/1 mask of discretized ranks (cached: they are frozen)."""
+        rank, A = self.rankmoe_rank[adapter_name], self.rankmoe_A[adapter_name]
+        scaling, columns = self.scaling[adapter_name], A.shape[-1]
+        if not self.rank_frozen[adapter_name]:
+            mask = fractional_rank_mask(rank, columns, self.rankmoe_settings[adapter_name].rank_grad_scale)
+            return (mask * scaling).to(A.dtype)
+        key = (rank._version, rank.data_ptr(), columns, A.dtype)
+        cached = self._hard_mask_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, (hard_rank_mask(rank, columns) * scaling).to(A.dtype))
+            self._hard_mask_cache[adapter_name] = cached
+        return cached[1]
 
     def expert_gates(self, adapter_name: str, logits: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
         """Router weights (..., E) from per-token router logits (..., E). The sequence router averages the logits
@@ -197,50 +232,31 @@ class RankMoELayer(BaseTunerLayer):
             logits = pooled.view(logits.shape[0], *([1] * (logits.dim() - 2)), -1)  # (B, 1.., E)
         return route(logits, settings.top_k, overwrite_logits=overwrite_logits)
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
-
-        Training path: one matmul of x with [the E*R columns of A | the router's E rows] gives the experts' hidden
-        values and the router logits, so the input is read once (two matmuls with active dropout, where the router
-        sees the clean input, and for inputs below `FUSE_MIN_INPUT` numbers, where per-op overhead dominates and a
-        second small matmul is cheaper than concatenating the weights); mask and scaling are folded into the copy
-        of A's columns instead of a (..., E*R) scale, so the only (..., E*R) tensors are the matmul's output and its
-        gated copy. Without autograd, only the columns a rank keeps are computed, from a cache
-        (`_inference_delta`).
-        """
-        A = self.rankmoe_A[adapter_name]  # (E, in, R)
-        x = self._cast_input_dtype(x, A.dtype)
-        dropout = self.rankmoe_dropout[adapter_name]
-        drops = self.training and isinstance(dropout, nn.Dropout)
-        if not torch.is_grad_enabled() and not drops:
-            return self._inference_delta(adapter_name, x)
-        B = self.rankmoe_B[adapter_name]  # (E, R, out)
+    def _dropout_delta(self, adapter_name: str, x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+        """The training path with active dropout, through plain autograd: experts on the dropped input, router on
+        the clean one."""
+        A, B = self.rankmoe_A[adapter_name], self.rankmoe_B[adapter_name]  # (E, in, R), (E, R, out)
         router = self.rankmoe_router[adapter_name]
         num_experts, _, columns = A.shape
-        column_scale = self.rank_mask(adapter_name) * self.scaling[adapter_name]  # (E, R), float32
-        if column_scale.dtype != A.dtype:
-            column_scale = column_scale.to(A.dtype)
-        # mask and scaling folded into A's columns: the copy into (E*R, in) layout is needed anyway
+        column_scale = self.column_scale(adapter_name)  # (E, R)
         A_columns = (A.transpose(1, 2) * column_scale.unsqueeze(-1)).reshape(num_experts * columns, -1)  # (E*R, in)
-        if drops or x.numel() < FUSE_MIN_INPUT:  # two matmuls; with dropout the router sees the clean input
-            hidden = F.linear(dropout(x) if drops else x, A_columns)  # (..., E*R)
-            logits = F.linear(x, router.weight, router.bias)  # (..., E)
-        else:
-            fused = torch.cat([A_columns, router.weight], dim=0)  # (E*R+E, in)
-            hidden, logits = F.linear(x, fused).split([num_experts * columns, num_experts], dim=-1)
-            logits = logits + router.bias  # (..., E)
-        gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E) or (B, 1.., E)
+        hidden = F.linear(dropout(x), A_columns)  # (..., E*R)
+        gates = self.expert_gates(adapter_name, F.linear(x, router.weight, router.bias), overwrite_logits=True)
         gated = (hidden.unflatten(-1, (num_experts, columns)) * gates.unsqueeze(-1)).flatten(-2)  # (..., E*R)
         return torch.matmul(gated, B.reshape(num_experts * columns, -1))  # (..., out)
 
-    def _inference_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _inference_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """The same delta from the cached active columns: one matmul (with the router bias) gives the K kept
-        columns of all experts and the E router logits."""
+        columns of all experts and the E router logits; the last matmul adds into `result` when given."""
         fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
         kept = expert_of_column.numel()
         hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
         gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E); logits: a view of ours
-        return torch.matmul(hidden * gates.index_select(-1, expert_of_column), B_active)  # (..., out)
+        mixed = hidden * gates.index_select(-1, expert_of_column)  # (..., K)
+        if result is None:
+            return torch.matmul(mixed, B_active)  # (..., out)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), mixed.view(-1, kept), B_active).view(result.shape)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """[A restricted to the columns with a non-zero mask | router weight] as a (K+E, in) weight, its bias
@@ -256,7 +272,7 @@ class RankMoELayer(BaseTunerLayer):
             return cached[1]
         with torch.no_grad():
             num_experts, _, columns = A.shape
-            mask = (self.rank_mask(adapter_name) * self.scaling[adapter_name]).flatten()  # (E*R,)
+            mask = self.column_scale(adapter_name).flatten()  # (E*R,)
             active = mask.nonzero().squeeze(1)  # (K,)
             A_active = A.transpose(1, 2).reshape(num_experts * columns, -1).index_select(0, active)  # (K, in)
             fused = torch.cat([A_active, router.weight.to(A.dtype)], dim=0)  # (K+E, in)
@@ -292,8 +308,19 @@ class Linear(nn.Module, RankMoELayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        factors = self.rankmoe_A
         for name in self.active_adapters:
-            if name in self.rankmoe_A:
+            if name not in factors:
+                continue
+            A = factors[name]
+            if result.dtype == A.dtype and not (self.training and isinstance(self.rankmoe_dropout[name], nn.Dropout)):
+                # the adapter's last matmul adds into result (in training: as one autograd node)
+                x_cast = self._cast_input_dtype(x, A.dtype)
+                if torch.is_grad_enabled():
+                    result = self._mixture(name, x_cast, result)
+                else:
+                    result = self._inference_delta(name, x_cast, result)
+            else:
                 result = result + self.adapter_delta(name, x).to(result.dtype)
         return result
 

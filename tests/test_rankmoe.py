@@ -112,10 +112,11 @@ def test_sequence_router_does_not_mix_samples():
     torch.testing.assert_close(together, alone)
 
 
+@pytest.mark.parametrize("routing", ["token", "sequence"])
 @pytest.mark.parametrize("ranks", [[0.3, 1.0, 2.6, 4.0], [2.0, 3.5, 0.0, 3.0]])
-def test_rank_gradient_is_gamma_times_interpolation_direction(ranks):
+def test_rank_gradient_is_gamma_times_interpolation_direction(ranks, routing):
     gamma = 0.37
-    model = build(MLP, ["lin1"], {}, rank_grad_scale=gamma)
+    model = build(MLP, ["lin1"], {"router": routing}, rank_grad_scale=gamma)
     layer = model.base_model.model.lin1
     with torch.no_grad():
         layer.rankmoe_rank["default"].copy_(torch.tensor(ranks))
@@ -125,7 +126,8 @@ def test_rank_gradient_is_gamma_times_interpolation_direction(ranks):
 
     A, B = layer.rankmoe_A["default"].detach(), layer.rankmoe_B["default"].detach()
     router = layer.rankmoe_router["default"]
-    gates = torch.softmax(x @ router.weight.detach().T + router.bias.detach(), dim=-1)
+    logits = x @ router.weight.detach().T + router.bias.detach()  # (3, 5, E)
+    gates = torch.softmax(logits if routing == "token" else logits.mean(dim=1, keepdim=True), dim=-1)
     for e, rank in enumerate(ranks):
         k = min(math.floor(rank), 3)
         direction = reference_expert(x, A[e], B[e], k + 1) - reference_expert(x, A[e], B[e], k)  # g_ceil - g_floor
