@@ -117,9 +117,10 @@ class MixtureOfExperts(torch.autograd.Function):
     consecutive tokens whose mean the router sees (sequence router). `options` = (scaling, rank_grad_scale, U,
     top_k, fuse_router).
 
-    Why one node: at small widths a layer's step costs the number of kernels and autograd nodes, not flops. Written
-    out, a width-32 layer's training step runs 78 aten ops in this one node; plain autograd ran 105 in 25 nodes
-    for the same math (benchmarks/bench_layers.py --preset tiny: 1.81x LoRA's step instead of 2.43x). With `fuse_router` (token router) the router's rows ride in the experts' matmul,
+    Why one node: at small widths a layer's step costs the number of kernels and autograd nodes, not flops. A
+    width-32 layer's training step (base layer included) runs 78 aten ops, the adapter in this one node; the same
+    math through plain autograd ran 105 ops in 25 nodes, LoRA runs 42 (benchmarks/bench_layers.py --preset tiny:
+    1.81x LoRA's step, 2.43x before). With `fuse_router` (token router) the router's rows ride in the experts' matmul,
     forward and backward, so a large input is read once by each matmul it takes part in. Gates are those of
     `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the softmax backward uses them as well.
     """
