@@ -29,19 +29,26 @@ class FractionalRankMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rank: torch.Tensor, max_rank: int, rank_grad_scale: float) -> torch.Tensor:
-        clamped = rank.detach().clamp(0.0, float(max_rank))  # (E,)
-        positions = torch.arange(max_rank, device=rank.device, dtype=rank.dtype)  # (R,)
-        mask = (clamped[:, None] - positions[None, :]).clamp_(0.0, 1.0)  # (E, R)
-        active = clamped.floor().clamp_(max=max_rank - 1).long()  # (E,) the component that gets the gradient
-        ctx.save_for_backward(active)
+        ctx.save_for_backward(rank)
         ctx.rank_grad_scale = rank_grad_scale
-        return mask
+        return soft_mask(rank.detach(), max_rank)
 
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
-        (active,) = ctx.saved_tensors
-        grad_rank = ctx.rank_grad_scale * grad_mask.gather(1, active[:, None]).squeeze(1)  # (E,)
-        return grad_rank, None, None
+        (rank,) = ctx.saved_tensors
+        active = active_component(rank.detach(), grad_mask.shape[-1])  # (E, 1)
+        return ctx.rank_grad_scale * grad_mask.gather(1, active).squeeze(1), None, None  # (E,)
+
+
+def soft_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """mask_j(r) = clamp(r - j, 0, 1), (E, R) from ranks (E,); no gradient (see `FractionalRankMask`)."""
+    positions = torch.arange(max_rank, device=rank.device, dtype=rank.dtype)  # (R,)
+    return (rank.unsqueeze(1) - positions).clamp_(0.0, 1.0)
+
+
+def active_component(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
+    """(E, 1) index k = min(floor(r), R - 1) of the component whose mask entry receives the rank's gradient."""
+    return rank.clamp(0, max_rank - 1).long().unsqueeze(1)  # truncation is floor on [0, R-1]
 
 
 def fractional_rank_mask(rank: torch.Tensor, max_rank: int, rank_grad_scale: float = 1.0) -> torch.Tensor:
@@ -132,9 +139,8 @@ class MixtureOfExperts(torch.autograd.Function):
         shape = result.shape  # (..., out); reshaped here, so that no view nodes surround this one
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         tokens = x.shape[0]
-        if column_scale is None:  # ranks being searched: mask_j(r) = clamp(r - j, 0, 1)
-            positions = torch.arange(columns, device=rank.device, dtype=rank.dtype)  # (R,)
-            column_scale = (rank.unsqueeze(1) - positions).clamp_(0.0, 1.0)  # (E, R)
+        if column_scale is None:  # ranks being searched
+            column_scale = soft_mask(rank, columns)  # (E, R)
             if scaling != 1.0:
                 column_scale.mul_(scaling)
             if column_scale.dtype != A.dtype:
@@ -194,7 +200,7 @@ class MixtureOfExperts(torch.autograd.Function):
         grad_A = (grad_columns * column_scale.unsqueeze(-1)).transpose(1, 2) if need_A else None  # (E, in, R)
         grad_rank = None
         if need_rank:  # the rule of FractionalRankMask: only the component k = floor(r) gets dL/dmask
-            active = rank.clamp(0, columns - 1).long().unsqueeze(1)  # (E, 1): floor of the rank clamped to [0, R-1]
+            active = active_component(rank, columns)  # (E, 1)
             grad_scale = torch.linalg.vecdot(grad_columns, A.transpose(1, 2)).gather(1, active)  # (E, 1) dL/dscale
             grad_rank = grad_scale.view(-1).to(rank.dtype)  # (E,)
             if ctx.rank_factor != 1.0:

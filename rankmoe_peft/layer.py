@@ -173,8 +173,9 @@ class RankMoELayer(BaseTunerLayer):
 
     # --- the math ----------------------------------------------------------------------------------------------------
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out).
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None) -> torch.Tensor:
+        """scaling * sum_e gate_e(x) * (x @ A_e) * mask_e @ B_e, for x (..., in) -> (..., out); with `result` (the
+        base output, in A's dtype) the delta is added into it by the last matmul.
 
         Training: one autograd node, `functional.MixtureOfExperts` (forward and backward written out; for inputs of
         at least `FUSE_MIN_INPUT` numbers the router shares the experts' matmuls). With active dropout the
@@ -186,10 +187,11 @@ class RankMoELayer(BaseTunerLayer):
         x = self._cast_input_dtype(x, A.dtype)
         dropout = self.rankmoe_dropout[adapter_name]
         if self.training and isinstance(dropout, nn.Dropout):
-            return self._dropout_delta(adapter_name, x, dropout)
+            delta = self._dropout_delta(adapter_name, x, dropout)
+            return delta if result is None else result + delta
         if not torch.is_grad_enabled():
-            return self._inference_delta(adapter_name, x)
-        return self._mixture(adapter_name, x, None)
+            return self._inference_delta(adapter_name, x, result)
+        return self._mixture(adapter_name, x, result)
 
     def _mixture(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         """`result + adapter_delta(x)` (the delta alone for result None) through `functional.MixtureOfExperts`.
@@ -312,14 +314,8 @@ class Linear(nn.Module, RankMoELayer):
         for name in self.active_adapters:
             if name not in factors:
                 continue
-            A = factors[name]
-            if result.dtype == A.dtype and not (self.training and isinstance(self.rankmoe_dropout[name], nn.Dropout)):
-                # the adapter's last matmul adds into result (in training: as one autograd node)
-                x_cast = self._cast_input_dtype(x, A.dtype)
-                if torch.is_grad_enabled():
-                    result = self._mixture(name, x_cast, result)
-                else:
-                    result = self._inference_delta(name, x_cast, result)
+            if result.dtype == factors[name].dtype:  # the adapter's last matmul adds into result
+                result = self.adapter_delta(name, x, result)
             else:
                 result = result + self.adapter_delta(name, x).to(result.dtype)
         return result
