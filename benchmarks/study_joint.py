@@ -27,8 +27,9 @@ random backbone and task order; a seed's rows share all of them.
 Reported per task: MSE, PSNR, SSIM, ssim_openstl (and CSI, mean over the six SEVIR VIL thresholds, for rain_nowcast),
 trainable parameters and wall time, mean ± sample std over seeds; final ranks of the full method; and findings per
 claim computed from the numbers, paired by seed: a difference whose 95 % confidence interval (Student's t over the
-per-seed differences) includes 0 is reported as no difference. With --write-docs the tables go to docs/RESULTS.md (section "study_joint"), the raw numbers to
-docs/study_joint.json and the curves to docs/study_joint_curves.png; without it, everything stays in --output_dir.
+per-seed differences) includes 0 is reported as no difference. With --write-docs the tables go to docs/RESULTS.md
+(section "study_joint"), the raw numbers to docs/study_joint.json and the curves to docs/study_joint_curves.png;
+without it, everything stays in --output_dir.
 
     python benchmarks/study_joint.py --jobs 2 --write-docs     # the default study: 133 min on 2 CPU cores
     python benchmarks/study_joint.py --tiny                    # smoke test, a few minutes
