@@ -119,16 +119,30 @@ def inference_step(encoder, tokens, clock=time.perf_counter) -> float:
 
 
 def saved_bytes(encoder, tokens) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one forward pass."""
+    """Bytes of the distinct activations autograd keeps for backward after one forward pass: tensors saved through
+    `save_for_backward` (seen by saved-tensor hooks) and those a custom Function keeps on its ctx
+    (`MixtureOfExperts.intermediates`, which the hooks do not see); parameters, which exist anyway, excluded."""
     seen: dict[tuple, int] = {}
+    parameters = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        seen[key] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in parameters:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            seen[key] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        encoder(inputs_embeds=tokens).last_hidden_state.float().pow(2).mean()
+        loss = encoder(inputs_embeds=tokens).last_hidden_state.float().pow(2).mean()
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for kept in getattr(node, "intermediates", ()):
+            if isinstance(kept, torch.Tensor):
+                pack(kept)
+        stack.extend(next_node for next_node, _ in node.next_functions)
     return sum(seen.values())
 
 

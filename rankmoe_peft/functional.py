@@ -16,6 +16,7 @@ also at an integer rank (then it is the next component, so a rank can grow from 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,8 +43,21 @@ class FractionalRankMask(torch.autograd.Function):
 
 def soft_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     """mask_j(r) = clamp(r - j, 0, 1), (E, R) from ranks (E,); no gradient (see `FractionalRankMask`)."""
-    positions = torch.arange(max_rank, device=rank.device, dtype=rank.dtype)  # (R,)
-    return (rank.unsqueeze(1) - positions).clamp_(0.0, 1.0)
+    return (rank.unsqueeze(1) - _positions(max_rank, rank.device, rank.dtype)).clamp_(0.0, 1.0)
+
+
+def _positions(max_rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(R,) column indices 0 .. R-1, made once per (R, device, dtype): an arange per call shows in a width-32 step.
+    Never written to; made fresh while torch.compile traces (a traced tensor must not be cached)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(max_rank, device=device, dtype=dtype)
+    return _cached_positions(max_rank, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_positions(max_rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # an ordinary tensor, also when first needed under inference_mode
+        return torch.arange(max_rank, device=device, dtype=dtype)
 
 
 def active_component(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
@@ -60,7 +74,7 @@ def fractional_rank_mask(rank: torch.Tensor, max_rank: int, rank_grad_scale: flo
 
 def hard_rank_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     """0/1 mask (E, R) keeping the first round(rank) components; used once ranks are discretized."""
-    positions = torch.arange(max_rank, device=rank.device, dtype=rank.dtype)  # (R,)
+    positions = _positions(max_rank, rank.device, rank.dtype)  # (R,)
     return (positions[None, :] < rank.detach().round()[:, None]).to(rank.dtype)  # (E, R)
 
 
@@ -118,33 +132,39 @@ class MixtureOfExperts(torch.autograd.Function):
         gates = softmax(router(x))                                  (U, E), one row per routing unit
         delta = sum_e gates_e * (x @ A_e * mask_e * scaling) @ B_e  (N, out)
 
-    `result` (..., out) is the base layer's output (the last matmul adds into it), x (..., in) its input. mask
-    (E, R) is the soft mask of the continuous ranks (`FractionalRankMask`, with its gradient rule), or for frozen
-    ranks the given `column_scale` (mask * scaling). A routing unit is one token (token router, U = N) or N / U
-    consecutive tokens whose mean the router sees (sequence router). `options` = (scaling, rank_grad_scale, U,
-    top_k, fuse_router).
+    `result` (..., out) is the base layer's output (the last matmul adds into it), x (..., in) its input; with
+    `base` = (weight, bias) of a frozen nn.Linear, `result` is None and the node computes the base layer too (and
+    its input gradient), so that the whole layer is this one node. mask (E, R) is the soft mask of the continuous
+    ranks (`FractionalRankMask`, with its gradient rule), or for frozen ranks the given `column_scale` (mask *
+    scaling). A routing unit is one token (token router, U = N) or N / U consecutive tokens whose mean the router
+    sees (sequence router). `options` = (scaling, rank_grad_scale, U, top_k, fuse_router, base).
 
-    Why one node: at small widths a layer's step costs the number of kernels and autograd nodes, not flops. A
-    width-32 layer's training step (base layer included) runs 78 aten ops, the adapter in this one node; the same
-    math through plain autograd ran 105 ops in 25 nodes, LoRA runs 42 (benchmarks/bench_layers.py --preset tiny:
-    1.81x LoRA's step, 2.43x before). With `fuse_router` (token router) the router's rows ride in the experts' matmul,
-    forward and backward, so a large input is read once by each matmul it takes part in. Gates are those of
-    `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the softmax backward uses them as well.
+    Why one node: at small widths a layer's step costs the number of kernels, autograd nodes and Python calls, not
+    flops. A width-32 layer's training step, base layer included, runs 70 aten ops in this one node; the same math
+    through plain autograd ran 105 ops in 25 nodes, LoRA runs 42 in 13 (benchmarks/bench_layers.py --preset tiny:
+    1.61x LoRA's step; 1.81x with the base layer outside, 2.43x through plain autograd). With `fuse_router` (token
+    router) the router's rows ride in the experts' matmul, forward and backward, so a large input is read once by
+    each matmul it takes part in. Gates are those of `route` (sub-floor gates exactly 0, so no denormal reaches a
+    matmul); the softmax backward uses them as well. Under autocast the caller casts the inputs (see
+    `RankMoELayer._mixture`): the node computes in one dtype, forward and backward.
     """
 
     @staticmethod
     def forward(ctx, result, x, A, B, weight, bias, rank, column_scale, options):
-        scaling, rank_grad_scale, units, top_k, fuse_router = options
+        scaling, rank_grad_scale, units, top_k, fuse_router, base = options
         num_experts, _, columns = A.shape
-        shape = result.shape  # (..., out); reshaped here, so that no view nodes surround this one
+        input_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         tokens = x.shape[0]
+        if base is not None:  # a frozen nn.Linear's (weight, bias): its matmul happens here, its gradient below
+            result = F.linear(x, *base)  # (N, out)
+        shape = input_shape[:-1] + result.shape[-1:]  # (..., out); reshaped here: no view nodes around this one
         if column_scale is None:  # ranks being searched
             column_scale = soft_mask(rank, columns)  # (E, R)
             if scaling != 1.0:
                 column_scale.mul_(scaling)
-            if column_scale.dtype != A.dtype:
-                column_scale = column_scale.to(A.dtype)
+        if column_scale.dtype != A.dtype:  # autocast
+            column_scale = column_scale.to(A.dtype)
         A_columns = (A.transpose(1, 2) * column_scale.unsqueeze(-1)).reshape(num_experts * columns, -1)  # (E*R, in)
         if fuse_router:  # one matmul gives the hidden values and the logits
             matrix = torch.cat([A_columns, weight])  # (E*R+E, in)
@@ -157,14 +177,16 @@ class MixtureOfExperts(torch.autograd.Function):
             logits = F.linear(router_input, weight, bias)  # (U, E)
         gates = _gates(logits, top_k)  # (U, E)
         hidden = hidden.view(units, -1, num_experts, columns)  # (U, S, E, R)
-        gated = hidden * gates.view(units, 1, num_experts, 1)  # (U, S, E, R); freed after forward, not kept
+        gated = (hidden * gates.view(units, 1, num_experts, 1)).view(tokens, -1)  # (N, E*R); freed, not kept
         B_rows = B.view(num_experts * columns, -1)  # (E*R, out)
         # inputs go through save_for_backward (in-place checks); intermediates are kept on ctx, which is cheaper
         ctx.save_for_backward(x, A, B, weight, rank)
         ctx.intermediates = (column_scale, matrix, hidden, gates, router_input, B_rows)
+        if result.dim() != 2:
+            result = result.reshape(tokens, -1)
         ctx.rank_factor = rank_grad_scale * scaling
-        ctx.fuse_router, ctx.input_shape = fuse_router, shape[:-1] + (x.shape[-1],)
-        return torch.addmm(result.reshape(tokens, -1), gated.view(tokens, -1), B_rows).view(shape)  # (..., out)
+        ctx.fuse_router, ctx.input_shape, ctx.base = fuse_router, input_shape, base
+        return torch.addmm(result, gated, B_rows).view(shape)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -202,11 +224,17 @@ class MixtureOfExperts(torch.autograd.Function):
         if need_rank:  # the rule of FractionalRankMask: only the component k = floor(r) gets dL/dmask
             active = active_component(rank, columns)  # (E, 1)
             grad_scale = torch.linalg.vecdot(grad_columns, A.transpose(1, 2)).gather(1, active)  # (E, 1) dL/dscale
-            grad_rank = grad_scale.view(-1).to(rank.dtype)  # (E,)
+            grad_rank = grad_scale.view(-1)  # (E,)
+            if grad_rank.dtype != rank.dtype:
+                grad_rank = grad_rank.to(rank.dtype)
             if ctx.rank_factor != 1.0:
                 grad_rank.mul_(ctx.rank_factor)
+        if grad_x is not None and ctx.base is not None:
+            grad_x = torch.addmm(grad_x, grad_out, ctx.base[0])  # the base layer's input gradient
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
+        if ctx.base is not None:
+            grad_result = None
         return grad_result, grad_x, grad_A, grad_B, grad_weight, grad_bias, grad_rank, None, None
 
 

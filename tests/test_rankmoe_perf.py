@@ -189,17 +189,73 @@ def autograd_nodes(tensor: torch.Tensor) -> list[str]:
 
 
 @pytest.mark.parametrize("router, discretize", [("token", False), ("sequence", False), ("token", True)])
-def test_training_path_is_one_autograd_node_on_the_base_layer(router, discretize):
-    """The speed of small layers rests on this: the whole adapter (router, gates, experts, rank mask, the add into
-    the base output) is one node, `MixtureOfExpertsBackward`, whose input is the base layer's own node."""
+def test_training_path_is_one_autograd_node(router, discretize):
+    """The speed of small layers rests on this: the whole layer (its frozen nn.Linear base, router, gates, experts,
+    rank mask) is one node, `MixtureOfExpertsBackward`; with a base layer that must run as a module (here: it has
+    a hook), the adapter is one node on top of the base layer's own."""
     layer = peaked_layer(router, discretize=discretize, std=0.5)
     x = torch.randn(3, 5, 12, requires_grad=True)
     out = layer(x)
-    base_nodes = autograd_nodes(layer.base_layer(x))
-    adapter_nodes = autograd_nodes(out)
+    assert autograd_nodes(out) == ["MixtureOfExpertsBackward"]
+    torch.testing.assert_close(out.detach(), reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
+
+    layer.base_layer.register_forward_hook(lambda *args: None)
+    base_nodes, adapter_nodes = autograd_nodes(layer.base_layer(x)), autograd_nodes(layer(x))
     assert adapter_nodes.count("MixtureOfExpertsBackward") == 1
     assert len(adapter_nodes) - len(base_nodes) <= 3  # the node, and views of the input and output
-    torch.testing.assert_close(out.detach(), reference_layer(layer, x.detach()), rtol=1e-5, atol=1e-6)
+
+
+def layer_gradients(layer, x: torch.Tensor, upstream: torch.Tensor, autocast: torch.dtype | None = None) -> list:
+    """Output and the gradients of input, factors, router and ranks after one backward pass."""
+    params = [layer.rankmoe_A["default"], layer.rankmoe_B["default"], layer.rankmoe_router["default"].weight,
+              layer.rankmoe_router["default"].bias, layer.rankmoe_rank["default"]]
+    for p in params:
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = layer(x)
+    (out.float() * upstream).sum().backward()
+    return [out.detach()] + [t.grad for t in [x] + params]
+
+
+def test_folded_base_layer_gives_the_gradients_of_the_unfolded_path():
+    """A plain frozen nn.Linear base runs inside the adapter's node with the output and gradients of the unfolded
+    path; a hook on the base layer, or a trainable base, turns folding off."""
+    layer = peaked_layer(std=0.5)
+    x, upstream = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+    folded = layer_gradients(layer, x, upstream)
+
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    nodes = autograd_nodes(layer(x.clone().requires_grad_(True)))
+    assert "MixtureOfExpertsBackward" in nodes and len(nodes) > 1  # the base layer ran as a module
+    unfolded = layer_gradients(layer, x, upstream)
+    handle.remove()
+    assert calls  # the hook saw the base layer run
+    for mine, reference in zip(folded, unfolded):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+
+    layer.base_layer.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.base_layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("discretize", [False, True], ids=["searching", "discretized"])
+def test_training_under_autocast_runs_in_the_autocast_dtype(discretize):
+    """Mixed precision (Accelerate's bf16/fp16 = autocast): the node computes in the autocast dtype, its backward
+    meets the dtypes its forward saw, and the float32 parameters get float32 gradients close to float32's."""
+    layer = peaked_layer(discretize=discretize, std=0.5)
+    x, upstream = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+    mixed = layer_gradients(layer, x, upstream, autocast=torch.bfloat16)
+    full = layer_gradients(layer, x, upstream)
+    assert mixed[0].dtype == torch.bfloat16
+    for mine, reference in zip(mixed[1:], full[1:]):
+        if reference is None:  # a frozen rank
+            assert mine is None
+            continue
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+    torch.testing.assert_close(mixed[0].float(), full[0], rtol=0.05, atol=0.05)
 
 
 class DoublingDropout(nn.Dropout):

@@ -280,6 +280,15 @@ def test_non_finite_loss_stops_with_task_and_step(tmp_path, data_cache):
     assert "non-finite loss" in done.stderr and "at step 3" in done.stderr and "task 'city_traffic'" in done.stderr
 
 
+def test_mixed_precision_bf16_trains_through_the_rankmoe_node(tmp_path, data_cache):
+    """--mixed_precision bf16 (autocast, also on CPU): the adapter's hand-written backward meets bf16 gradients."""
+    launch(TINY + ["--output_dir", str(tmp_path), "--cache_dir", data_cache, "--epochs", "1", "--max_steps", "4",
+                   "--mixed_precision", "bf16"])
+    losses = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert any(key.startswith("loss/") for entry in losses for key in entry)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_push_to_hub_sends_adapter_with_model_card(tiny_run, monkeypatch):
     import huggingface_hub
 
