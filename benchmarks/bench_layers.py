@@ -16,7 +16,8 @@ independent runs (fresh processes) follow each other; the table gives the median
 to (a), its spread (max - min) / median over the runs. The machine load (os.getloadavg) is printed before and
 after each run. docs/RESULTS.md is written only when every ratio's spread is at most `--max-spread`; otherwise
 the script says which ratio moved and by how much, and exits with status 3.
-Memory: bytes autograd keeps for backward (unique saved tensors) on CPU; peak allocated memory on CUDA.
+Memory: bytes of the activations autograd keeps for backward on CPU (unique saved tensors, those a custom Function
+keeps on its ctx included, parameters excluded); peak allocated memory on CUDA.
 
     python benchmarks/bench_layers.py --runs 3 --threads 2          # ViT-B/16-shaped, 4 layers, batch 2, CPU
     python benchmarks/bench_layers.py --preset tiny --runs 3 --threads 2 --repeats 51

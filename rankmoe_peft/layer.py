@@ -335,8 +335,10 @@ class Linear(nn.Module, RankMoELayer):
         plain, frozen `nn.Linear` without hooks, one active adapter, no dropout, no autocast, one dtype. Its
         output and gradients are the same; the step loses the base layer's own nodes (~3% of a width-32 step).
         Written with direct dict reads, cheapest checks first: it runs on every call."""
+        if not torch.is_grad_enabled() or args or kwargs or self._disable_adapters:
+            return False
         base = self._modules["base_layer"]
-        if args or kwargs or self._disable_adapters or type(base) is not nn.Linear or not torch.is_grad_enabled():
+        if type(base) is not nn.Linear:
             return False
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != x.dtype:
