@@ -7,7 +7,11 @@ Every method sees the same batches of each task: the loop's round-robin schedule
 batch size (`batches_per_task` in each report is asserted equal across methods). SimVP/TAU hold one model per task
 inside one `ReferenceModel`; their translator sizes are chosen so that the four models together have about as many
 trainable parameters as the UniSTD model (the table prints both). Per task: MSE, PSNR, SSIM (Gaussian window),
-`ssim_openstl` (OpenSTL's setting) and copy-last-frame; mean and spread (half the range) over the seeds; wall time.
+`ssim_openstl` (OpenSTL's setting); mean and spread (half the range) over the seeds; wall time. Two forecasts that
+learn nothing stand beside them, on the same seeds' test clips (mean): copy-last-frame, and the constant-velocity
+extrapolation of the last frame
+(`unistd_hf.motion.extrapolate`, the residual's base of the extrapolated tasks), so the table shows what training
+adds on top of it.
 """
 
 from __future__ import annotations
@@ -90,16 +94,21 @@ def table(results: dict[str, list[dict]]) -> str:
     tasks = list(first["tasks"])
     lines = ["| task | method | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
     for task in tasks:
-        for method, reports in results.items():
+        for method in METHODS:
             cells = []
             for metric in METRICS:
-                values = np.array([r["tasks"][task]["model"][metric] for r in reports])
+                values = np.array([r["tasks"][task]["model"][metric] for r in results[method]])
                 cells.append(f"{values.mean():.4g} ± {(values.max() - values.min()) / 2:.2g}")
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
-        baseline = first["tasks"][task]["baseline"]
-        lines.append(f"| {task} | copy-last-frame | " + " | ".join(f"{baseline[m]:.4g}" for m in METRICS) + " |")
+        # the forecasts that learn nothing, on the same seeds' test clips
+        copies = [r["tasks"][task]["baseline"] for r in results["unistd"]]
+        for label, seeds in (("copy-last-frame", copies), ("extrapolation", results["extrapolation"].get(task, []))):
+            if seeds:
+                cells = [f"{np.mean([m[metric] for m in seeds]):.4g}" for metric in METRICS]
+                lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "| method | trainable parameters | batches per task | wall time per run (s) |", "|---|---:|---|---:|"]
-    for method, reports in results.items():
+    for method in METHODS:
+        reports = results[method]
         wall = np.mean([r["wall_time_s"] for r in reports])
         lines.append(f"| {method} | {reports[0]['parameters']['total']['trainable']:,} | "
                      f"{reports[0]['batches_per_task']} | {wall:.0f} |")
@@ -113,7 +122,7 @@ def reading(results: dict[str, list[dict]]) -> str:
     for task in results["unistd"][0]["tasks"]:
         parts = []
         for metric, unit in (("psnr", " dB"), ("ssim", "")):
-            values = {m: np.array([r["tasks"][task]["model"][metric] for r in reports]) for m, reports in results.items()}
+            values = {m: np.array([r["tasks"][task]["model"][metric] for r in results[m]]) for m in METHODS}
             spread = {m: (v.max() - v.min()) / 2 for m, v in values.items()}
             for method in ("simvp", "tau"):
                 diff = values[method].mean() - values["unistd"].mean()
@@ -140,38 +149,65 @@ def main() -> int:
                         help="write the table into docs/RESULTS.md, the picture and the raw numbers into docs/")
     args = parser.parse_args()
 
-    if args.from_json:
+    if args.from_json:  # re-render (the picture stays as the run that wrote the JSON drew it)
         results = json.loads(Path(args.from_json).read_text())
-        print(table(results) + "\n\n" + reading(results))
+        body = table(results) + "\n\n" + reading(results)
+        print(body)
+        if args.write_docs:
+            command = f"python benchmarks/compare_methods.py --write-docs, re-rendered by --from-json {args.from_json}"
+            write_section("compare_methods", body + f"\n\n![one test clip per task, one row per method]({PICTURE.name})",
+                          command=command)
         return 0
     from unistd_hf.data import load_task
 
     results: dict[str, list[dict]] = {m: [] for m in METHODS}
+    extrapolation: dict[str, list[dict]] = {}  # task -> metrics per seed
     clips: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for method in METHODS:
                 output = Path(tmp) / f"{method}-{seed}"
                 results[method].append(run_one(method, seed, output, args))
-                if seed == args.seeds[0]:
+                if method == METHODS[0]:  # the seed's test clips, as the runs saw them
                     data = {name: load_task(name, seed=seed, cache_dir=args.cache_dir, **_sizes(results[method][-1], name))
                             for name in results[method][-1]["tasks"]}
+                    for name, d in data.items():
+                        extrapolation.setdefault(name, []).append(extrapolation_metrics(name, d["test"]))
+                if seed == args.seeds[0]:
                     tests = {name: torch.from_numpy(np.asarray(d["test"][0]["inputs"], dtype=np.float32)) for name, d in data.items()}
                     truth = {name: np.asarray(d["test"][0]["targets"], dtype=np.float32) for name, d in data.items()}
                     clips[method] = predictions_of(method, output, tests)
                 print(f"{method} seed {seed}: " + ", ".join(
                     f"{t} psnr {v['model']['psnr']:.2f} ssim {v['model']['ssim']:.3f}" for t, v in results[method][-1]["tasks"].items()),
                     flush=True)
-    counts = {m: r[0]["batches_per_task"] for m, r in results.items()}
+    results["extrapolation"] = extrapolation
+    counts = {m: results[m][0]["batches_per_task"] for m in METHODS}
     assert len({json.dumps(c, sort_keys=True) for c in counts.values()}) == 1, f"unequal exposure per task: {counts}"
     body = table(results) + "\n\n" + reading(results)
     print(body)
     if args.write_docs:
         picture(clips, truth, PICTURE)
-        RAW.write_text(json.dumps({m: [{k: r[k] for k in ("tasks", "parameters", "batches_per_task", "wall_time_s")}
-                                       for r in reports] for m, reports in results.items()}, indent=1))
+        raw = {m: [{k: r[k] for k in ("tasks", "parameters", "batches_per_task", "wall_time_s")} for r in results[m]]
+               for m in METHODS}
+        RAW.write_text(json.dumps({**raw, "extrapolation": results["extrapolation"]}, indent=1))
         write_section("compare_methods", body + f"\n\n![one test clip per task, one row per method]({PICTURE.name})")
     return 0
+
+
+def extrapolation_metrics(name: str, test) -> dict[str, float]:
+    """The task's metrics of the constant-velocity extrapolation of the last frame on its test clips."""
+    from unistd_hf.data import get_task
+    from unistd_hf.metrics import MetricAccumulator
+    from unistd_hf.motion import extrapolate
+
+    info = get_task(name)
+    accumulator = MetricAccumulator(info.metrics, info.csi_thresholds)
+    clips = test.with_format("torch")
+    for start in range(0, len(clips), 16):
+        batch = clips[start : start + 16]
+        targets = batch["targets"].float()
+        accumulator.update(extrapolate(batch["inputs"].float(), targets.shape[1]), targets)
+    return accumulator.compute()
 
 
 def _sizes(report: dict, name: str) -> dict:

@@ -277,6 +277,8 @@ class RankMoELayer(BaseTunerLayer):
         columns of all experts and the E router logits; the last matmul adds into `result` when given."""
         fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
         kept = expert_of_column.numel()
+        if kept == 0:  # every expert's rank is 0: the adapter adds nothing (and (N, 0) cannot be viewed as (-1, 0))
+            return x.new_zeros(*x.shape[:-1], B_active.shape[-1]) if result is None else result
         hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
         gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E); logits: a view of ours
         mixed = hidden * gates.index_select(-1, expert_of_column)  # (..., K)

@@ -44,6 +44,7 @@ def test_reference_method_trains_resumes_and_reloads(method, tmp_path, data_cach
 
     model = load_reference_model(output / "model").eval()
     assert model.config.method == method and model.config.hid_T == 16
+    assert model.config.extrapolated_tasks == ["moving_digits"]  # 'auto': the trajectory task, not the traffic one
     data = load_task("moving_digits", seed=0, cache_dir=data_cache, num_train=16, num_validation=4, num_test=8)
     reloaded = evaluate_task(model, task_data("moving_digits", data), batch_size=8)[0]
     for metric, value in report["tasks"]["moving_digits"]["model"].items():
@@ -56,4 +57,14 @@ def test_reference_method_trains_resumes_and_reloads(method, tmp_path, data_cach
 def test_reference_method_refuses_unistd_flags(flags, tmp_path, capsys):
     code, err = run("--method", "simvp", "--output_dir", str(tmp_path / "out"), *flags, capsys=capsys)
     assert code == 2 and "apply to --method unistd only" in err
+    assert snapshot(tmp_path / "out") == {}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--extrapolated_tasks", "rain_nowcast"], "not in --tasks"),
+    (["--extrapolated_tasks", "moving_digits", "--residual_to_last_frame", "false"], "with --residual_to_last_frame true"),
+])
+def test_wrong_extrapolated_tasks_stop_before_training(flags, message, tmp_path, capsys):
+    code, err = run("--output_dir", str(tmp_path / "out"), *flags, capsys=capsys)
+    assert code == 2 and "error:" in err and message in err
     assert snapshot(tmp_path / "out") == {}

@@ -103,6 +103,22 @@ def test_no_grad_path_matches_and_follows_rank_changes(router):
         torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("searched", [True, False], ids=["searched", "discretized"])
+def test_a_layer_whose_ranks_are_all_zero_adds_nothing(searched):
+    """The rank search can switch a whole layer off; its forward (training and no-grad) is then the base layer's."""
+    model = build(MLP, ["lin1"], {})
+    layer = model.base_model.model.lin1
+    with torch.no_grad():
+        layer.rankmoe_rank["default"].zero_()
+    if not searched:
+        model.discretize_ranks()
+    x = torch.randn(3, 5, 12)
+    base = layer.base_layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base)
+    torch.testing.assert_close(layer(x), base)
+
+
 def test_sequence_router_does_not_mix_samples():
     model = build(MLP, ["lin1"], {"router": "sequence"})
     layer = model.base_model.model.lin1

@@ -40,9 +40,10 @@ import torch.nn as nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_unistd import TaskSpec
+from .configuration_unistd import TaskSpec, check_extrapolated_tasks
 from .modeling_unistd import check_forecast_inputs
 from .modules import FrameDecoder, FrameEncoder, forecast_loss, init_weights_
+from .motion import residual_base
 
 __all__ = [
     "METHODS",
@@ -272,6 +273,8 @@ class SpatioTemporalForecaster(nn.Module):
         groups: GroupNorm groups of the encoder/decoder (and Inception branches).
         mlp_ratio: TAU's MLP expansion.
         residual_to_last_frame: predict the change from the last observed frame (as `UniSTDConfig`'s option).
+        extrapolated: with a residual, add it to the constant-velocity extrapolation of the last frame instead
+            (`motion.extrapolate`, as `UniSTDConfig.extrapolated_tasks`).
     """
 
     def __init__(
@@ -284,12 +287,14 @@ class SpatioTemporalForecaster(nn.Module):
         groups: int = 8,
         mlp_ratio: float = 8.0,
         residual_to_last_frame: bool = False,
+        extrapolated: bool = False,
     ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         T, T_out = spec.in_frames, spec.out_frames
         self.spec, self.hid_S, self.residual_to_last_frame = spec, hid_S, residual_to_last_frame
+        self.extrapolated = extrapolated
         self.encoder = FrameEncoder(spec.channels, hid_S, spec.num_downsample, groups)
         if method == "simvp":
             self.translator: nn.Module = InceptionUNet(T * hid_S, hid_T, T_out * hid_S, N_T, groups)
@@ -308,7 +313,7 @@ class SpatioTemporalForecaster(nn.Module):
         frames = self.decoder(z.reshape(B * T_out, Cp, Hp, Wp), first.view(B, T, Cp, H, W))  # (B*T', C, H, W)
         predictions = frames.view(B, T_out, C, H, W)
         if self.residual_to_last_frame:
-            predictions = predictions + pixel_values[:, -1:]
+            predictions = predictions + residual_base(pixel_values, T_out, self.extrapolated).to(predictions.dtype)
         return predictions  # (B, T', C, H, W)
 
 
@@ -324,6 +329,8 @@ class ReferenceConfig(PretrainedConfig):
         group_norm_groups: GroupNorm groups (must divide hid_S).
         mlp_ratio: TAU's MLP expansion.
         residual_to_last_frame: predict the change from the last observed frame.
+        extrapolated_tasks: tasks whose residual starts from the last frame's constant-velocity extrapolation
+            (as `UniSTDConfig.extrapolated_tasks`; needs residual_to_last_frame).
         loss_l1_weight: weight of the L1 term of the loss (as `UniSTDConfig.loss_l1_weight`).
         loss_gdl_weight: weight of the gradient difference term of the loss (as `UniSTDConfig.loss_gdl_weight`).
     """
@@ -340,6 +347,7 @@ class ReferenceConfig(PretrainedConfig):
         group_norm_groups: int = 8,
         mlp_ratio: float = 8.0,
         residual_to_last_frame: bool = False,
+        extrapolated_tasks: list[str] | None = None,
         loss_l1_weight: float = 0.0,
         loss_gdl_weight: float = 0.0,
         **kwargs: Any,
@@ -365,6 +373,7 @@ class ReferenceConfig(PretrainedConfig):
         self.group_norm_groups = group_norm_groups
         self.mlp_ratio = float(mlp_ratio)
         self.residual_to_last_frame = residual_to_last_frame
+        self.extrapolated_tasks = check_extrapolated_tasks(extrapolated_tasks, names, residual_to_last_frame)
         self.loss_l1_weight = float(loss_l1_weight)
         self.loss_gdl_weight = float(loss_gdl_weight)
         super().__init__(**kwargs)
@@ -408,7 +417,7 @@ class ReferenceModel(PreTrainedModel):
             {
                 name: SpatioTemporalForecaster(
                     spec, config.method, config.hid_S, config.hid_T, config.N_T, config.group_norm_groups,
-                    config.mlp_ratio, config.residual_to_last_frame,
+                    config.mlp_ratio, config.residual_to_last_frame, name in config.extrapolated_tasks,
                 )
                 for name, spec in self.task_specs.items()
             }
@@ -439,7 +448,8 @@ class ReferenceModel(PreTrainedModel):
 
 def build_reference_model(method: str, specs: list[TaskSpec], **sizes: Any) -> ReferenceModel:
     """A fresh SimVP or TAU `ReferenceModel` for `specs`; `sizes` are `ReferenceConfig` fields (hid_S, hid_T, N_T,
-    group_norm_groups, mlp_ratio, residual_to_last_frame, loss_l1_weight, loss_gdl_weight), e.g. `**PAPER_SIZE`."""
+    group_norm_groups, mlp_ratio, residual_to_last_frame, extrapolated_tasks, loss_l1_weight, loss_gdl_weight),
+    e.g. `**PAPER_SIZE`."""
     return ReferenceModel(ReferenceConfig(method=method, tasks=list(specs), **sizes))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 
-__all__ = ["TaskSpec", "UniSTDConfig", "GATE_MODES"]
+__all__ = ["TaskSpec", "UniSTDConfig", "GATE_MODES", "check_extrapolated_tasks"]
 
 GATE_MODES = ("scaled", "additive")
 
@@ -91,6 +91,18 @@ class TaskSpec:
         return cls(**data)
 
 
+def check_extrapolated_tasks(tasks: list[str] | None, names: list[str], residual: bool) -> list[str]:
+    """`tasks` as a list, or a ValueError naming what was expected (task names of the config, with a residual)."""
+    tasks = list(tasks or [])
+    unknown = sorted(set(tasks) - set(names))
+    if unknown:
+        raise ValueError(f"extrapolated_tasks {unknown} are not tasks of this config; expected a subset of {names}")
+    if tasks and not residual:
+        raise ValueError("extrapolated_tasks replaces the last frame as the residual's base, so it needs "
+                         "residual_to_last_frame=True")
+    return tasks
+
+
 def _as_json(data: dict) -> dict:
     """The dict as it reads back from config.json (int keys of id2label become str): round trips compare equal."""
     return json.loads(json.dumps(data))
@@ -116,6 +128,11 @@ class UniSTDConfig(PretrainedConfig):
         residual_to_last_frame: predict the change from the last observed frame (predictions = last frame +
             decoder output). Off in the paper; it keeps fine detail that the downsampling encoder loses, which
             matters for slowly changing fields (traffic, weather) and short training runs.
+        extrapolated_tasks: tasks whose residual starts from a constant-velocity extrapolation of the last frame
+            (`motion.extrapolate`: block-matching velocity between the last two frames, the last frame moved along it)
+            instead of the still last frame; needs `residual_to_last_frame`. For content that moves (digits, rain
+            cells) the decoder then learns corrections to a forecast that already moves, and digits keep their shape
+            where a still base made blurring them away the cheaper answer (docs/RESULTS.md, default run).
         decoder_skip: give each task decoder SimVP's full-resolution skip: the first encoder stage's features
             (mapped from the T observed to the T' predicted frames by `modules.SkipTimeMap`) are added to the input
             of the decoder's last stage, so fine detail need not pass through the H' x W' tokens.
@@ -150,6 +167,7 @@ class UniSTDConfig(PretrainedConfig):
         freeze_backbone: bool = True,
         group_norm_groups: int = 8,
         residual_to_last_frame: bool = False,
+        extrapolated_tasks: list[str] | None = None,
         decoder_skip: bool = True,
         loss_l1_weight: float = 0.0,
         loss_gdl_weight: float = 0.0,
@@ -186,6 +204,7 @@ class UniSTDConfig(PretrainedConfig):
         self.use_backbone = use_backbone
         self.freeze_backbone = freeze_backbone
         self.residual_to_last_frame = residual_to_last_frame
+        self.extrapolated_tasks = check_extrapolated_tasks(extrapolated_tasks, names, residual_to_last_frame)
         for name, weight in (("loss_l1_weight", loss_l1_weight), ("loss_gdl_weight", loss_gdl_weight)):
             if not weight >= 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")

@@ -30,6 +30,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_unistd import TaskSpec, UniSTDConfig
+from .motion import residual_base
 from .modules import (
     FrameDecoder,
     FrameEncoder,
@@ -256,7 +257,8 @@ class UniSTDModel(PreTrainedModel):
         x = self.task_decoders[task](x, skip)  # (B*T', C, H, W)
         predictions = x.view(B, T_out, C, H, W)
         if self.config.residual_to_last_frame:
-            predictions = predictions + pixel_values[:, -1:].to(predictions.dtype)  # change from the last frame
+            base = residual_base(pixel_values, T_out, task in self.config.extrapolated_tasks)  # (B, 1 or T', C, H, W)
+            predictions = predictions + base.to(predictions.dtype)
 
         loss = None
         if labels is not None:

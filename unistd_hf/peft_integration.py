@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import CLIPVisionModel
 
-from .configuration_unistd import UniSTDConfig
+from .configuration_unistd import UniSTDConfig, check_extrapolated_tasks
 from .modeling_unistd import MAIN_ADAPTER, TASK_HEAD_MODULES, UniSTDModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,7 +240,8 @@ def read_unistd_adapter(
 
 
 def add_tasks_to_unistd_peft_model(
-    repo_or_dir: str | Path, new_tasks: list, backbone: str | Path | None = None, new_experts: int = 0
+    repo_or_dir: str | Path, new_tasks: list, backbone: str | Path | None = None, new_experts: int = 0,
+    extrapolated_tasks: list[str] | None = None,
 ) -> "PeftModel":
     """A saved UniSTD adapter with heads for `new_tasks` (`TaskSpec`s) added, ready to train them alone.
 
@@ -250,7 +251,8 @@ def add_tasks_to_unistd_peft_model(
     router on every adapted layer, ranks fixed at round(init_rank), starting at zero output) that trains with it;
     `UniSTDConfig.task_adapters` makes it active in that task's forward passes only. Either way the old tasks'
     forward passes touch nothing new, so their predictions stay bit-identical. The adapter saved from the result
-    (`save_unistd_peft_model`) serves old and new tasks.
+    (`save_unistd_peft_model`) serves old and new tasks. `extrapolated_tasks`: new tasks whose residual starts from
+    the extrapolated last frame (`UniSTDConfig.extrapolated_tasks`; the saved model must predict a residual).
     """
     import peft
     from safetensors.torch import load_file
@@ -262,6 +264,9 @@ def add_tasks_to_unistd_peft_model(
         raise ValueError(f"task(s) {clash} already exist in the model of {str(repo_or_dir)!r} (its tasks: "
                          f"{list(config.task_specs)}); --init_from adds new tasks only")
     config.tasks = config.tasks + [spec.to_dict() for spec in new_tasks]
+    config.extrapolated_tasks = check_extrapolated_tasks(
+        config.extrapolated_tasks + [name for name in extrapolated_tasks or [] if name not in config.extrapolated_tasks],
+        [spec["name"] for spec in config.tasks], config.residual_to_last_frame)
     new_heads = [f"{head}.{name}" for head in TASK_HEAD_MODULES for name in names]
     peft_config.modules_to_save = list(peft_config.modules_to_save or []) + new_heads
     peft_config.base_model_config = config.to_dict()

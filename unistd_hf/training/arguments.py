@@ -83,6 +83,12 @@ class TrainingArguments:
         default=True,
         metadata={"help": "Predict the change from the last observed frame (off in the paper; see UniSTDConfig)."},
     )
+    extrapolated_tasks: str = field(
+        default="auto",
+        metadata={"help": "Comma-separated tasks whose residual starts from a constant-velocity extrapolation of the "
+                  "last frame (UniSTDConfig.extrapolated_tasks); 'auto': the tasks of discipline 'trajectory' or "
+                  "'weather' (moving objects, advected fields); 'none': every task starts from the still last frame."},
+    )
     method: str = field(
         default="unistd",
         metadata={"help": f"'unistd' (one shared model), or a reference method trained as one model per task in the same "
@@ -226,6 +232,14 @@ def validate_arguments(args: TrainingArguments) -> None:
     if args.load_balancing_weight and (args.method != "unistd" or args.adapter not in ("rankmoe", "fixed_rank")):
         raise ValueError("--load_balancing_weight balances the routers of RankMoE experts: use it with --adapter rankmoe "
                          "or fixed_rank (LoRA has one expert, 'none' no router)")
+    if args.extrapolated_tasks not in ("auto", "none"):
+        named = [name.strip() for name in args.extrapolated_tasks.split(",") if name.strip()]
+        if not set(named) <= set(args.tasks):
+            raise ValueError(f"--extrapolated_tasks names task(s) {sorted(set(named) - set(args.tasks))} that are not in "
+                             f"--tasks {args.tasks} (or give 'auto' / 'none')")
+        if not args.residual_to_last_frame:
+            raise ValueError("--extrapolated_tasks sets the base of the residual: use it with --residual_to_last_frame "
+                             "true (or give 'none')")
     if args.init_from is not None:
         check_init_from(args)
     if args.finetune_backbone and args.adapter != "none":

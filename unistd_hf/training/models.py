@@ -54,6 +54,19 @@ def resolve_run_backbone(args: TrainingArguments) -> tuple[str | CLIPVisionModel
     return source, recorded.get(weights.name) or sha256_of(weights)  # just verified: no second pass over the file
 
 
+EXTRAPOLATED_DISCIPLINES = ("trajectory", "weather")
+
+
+def extrapolated_tasks(args: TrainingArguments, specs: list[TaskSpec]) -> list[str]:
+    """The task names of `--extrapolated_tasks` ('auto': disciplines `EXTRAPOLATED_DISCIPLINES`; needs a residual)."""
+    if not args.residual_to_last_frame or args.extrapolated_tasks == "none":
+        return []
+    if args.extrapolated_tasks == "auto":
+        return [s.name for s in specs if s.discipline in EXTRAPOLATED_DISCIPLINES]
+    named = {name.strip() for name in args.extrapolated_tasks.split(",")}
+    return [s.name for s in specs if s.name in named]
+
+
 def build_model(
     args: TrainingArguments, specs: list[TaskSpec], backbone: str | CLIPVisionModel | None, accelerator: Accelerator
 ) -> tuple[torch.nn.Module, Any]:
@@ -63,11 +76,13 @@ def build_model(
     losses = dict(loss_l1_weight=args.loss_l1_weight, loss_gdl_weight=args.loss_gdl_weight)
     if args.init_from:
         model = add_tasks_to_unistd_peft_model(args.init_from, specs,
-                                               new_experts=args.new_experts if args.adapt_shared == "new_experts" else 0)
+                                               new_experts=args.new_experts if args.adapt_shared == "new_experts" else 0,
+                                               extrapolated_tasks=extrapolated_tasks(args, specs))
         return model, model.get_base_model().config
     if args.method != "unistd":
         model = build_reference_model(args.method, specs, hid_S=args.hidden_channels, hid_T=args.translator_channels,
-                                      N_T=args.translator_depth, residual_to_last_frame=args.residual_to_last_frame, **losses)
+                                      N_T=args.translator_depth, residual_to_last_frame=args.residual_to_last_frame,
+                                      extrapolated_tasks=extrapolated_tasks(args, specs), **losses)
         return model, model.config
     if isinstance(backbone, CLIPVisionModel):
         folder = (Path(args.output_dir) / "backbone").resolve()
@@ -81,6 +96,7 @@ def build_model(
         backbone=backbone, tasks=specs, hidden_channels=args.hidden_channels,
         temporal_gate=args.temporal_gate, use_temporal_adapter=args.use_temporal_adapter, use_backbone=args.use_backbone,
         residual_to_last_frame=args.residual_to_last_frame, decoder_skip=args.decoder_skip,
+        extrapolated_tasks=extrapolated_tasks(args, specs),
         freeze_backbone=not args.finetune_backbone, **losses,
     )
     set_seed(args.seed)
