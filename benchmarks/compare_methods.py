@@ -154,9 +154,8 @@ def main() -> int:
         body = table(results) + "\n\n" + reading(results)
         print(body)
         if args.write_docs:
-            command = f"python benchmarks/compare_methods.py --write-docs, re-rendered by --from-json {args.from_json}"
-            write_section("compare_methods", body + f"\n\n![one test clip per task, one row per method]({PICTURE.name})",
-                          command=command)
+            write_docs_section(body, f"python benchmarks/compare_methods.py --write-docs, re-rendered by --from-json "
+                                     f"{args.from_json}")
         return 0
     from unistd_hf.data import load_task
 
@@ -190,8 +189,14 @@ def main() -> int:
         raw = {m: [{k: r[k] for k in ("tasks", "parameters", "batches_per_task", "wall_time_s")} for r in results[m]]
                for m in METHODS}
         RAW.write_text(json.dumps({**raw, "extrapolation": results["extrapolation"]}, indent=1))
-        write_section("compare_methods", body + f"\n\n![one test clip per task, one row per method]({PICTURE.name})")
+        write_docs_section(body)
     return 0
+
+
+def write_docs_section(body: str, command: str | None = None) -> None:
+    """The section compare_methods of docs/RESULTS.md: the tables, the reading and the picture."""
+    write_section("compare_methods", body + f"\n\n![one test clip per task, one row per method]({PICTURE.name})",
+                  command=command)
 
 
 def extrapolation_metrics(name: str, test) -> dict[str, float]:

@@ -23,7 +23,8 @@ Two steps, both batched over clips and shifts:
    the digits behind them: SSIM 0.691 -> 0.669).
 
 Cost: the matching holds (2 * radius + 1)^2 shifted copies of a frame, 81 at the default radius 4 (speeds up to
-4 px per frame, `gap` frames apart: up to 4 / gap); about 0.05 s per batch of eight 64x64 clips on one CPU thread.
+4 px per frame, `gap` frames apart: up to 4 / gap); about 0.07 s per batch of eight 64x64 clips (10 predicted
+frames) on one CPU thread, which did not change the default run's wall time measurably.
 What it cannot know: walls and bounces (a digit that reaches the frame's edge leaves it), growth and decay, and
 anything a constant velocity does not describe; those are the decoder's to learn.
 """
