@@ -186,7 +186,11 @@ def test_adding_a_task_trains_it_alone_and_keeps_the_old_tasks_bit_identical(tin
             "--num_validation", "8", "--num_test", "16", "--batch_size", "4", "--log_every", "2", "--seed", "3",
             "--cache_dir", data_cache, "--residual_to_last_frame", "false", "--loss_l1_weight", "0"]
     output = tmp_path / "added"
-    launch(base + ["--tasks", "rain_nowcast", "--epochs", "2", "--adapt_shared", adapt_shared, "--output_dir", str(output)])
+    # --residual_to_last_frame is the saved model's (none), whatever the flag says: 'auto' extrapolates nothing
+    launch(base + ["--tasks", "rain_nowcast", "--epochs", "2", "--adapt_shared", adapt_shared, "--output_dir", str(output),
+                   "--residual_to_last_frame", "true"])
+    recorded = json.loads((output / "adapter" / "adapter_config.json").read_text())["base_model_config"]
+    assert recorded["residual_to_last_frame"] is False and recorded["extrapolated_tasks"] == []
     report = json.loads((output / "report.json").read_text())
     assert set(report["tasks"]) == {"rain_nowcast"} and report["batches_per_task"] == {"rain_nowcast": 16}
     heads, total = report["parameters"]["task heads"]["trainable"], report["parameters"]["total"]["trainable"]
@@ -204,7 +208,9 @@ def test_adding_a_task_trains_it_alone_and_keeps_the_old_tasks_bit_identical(tin
         return
     # wrong use stops before training, with one error line
     for extra, message in ((["--tasks", "moving_digits"], "already exist"),
-                           (["--tasks", "rain_nowcast", "--init_from", str(tmp_path)], "is not a UniSTD adapter")):
+                           (["--tasks", "rain_nowcast", "--init_from", str(tmp_path)], "is not a UniSTD adapter"),
+                           (["--tasks", "rain_nowcast", "--extrapolated_tasks", "rain_nowcast", "--residual_to_last_frame",
+                             "true"], "predicts frames, not a residual")):
         failed = launch(base + extra + ["--output_dir", str(tmp_path / "refused")], check=False)
         assert failed.returncode != 0 and "error: " in failed.stderr and message in failed.stderr
         assert not (tmp_path / "refused" / "checkpoints").exists()

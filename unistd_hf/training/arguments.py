@@ -258,11 +258,7 @@ def check_init_from(args: TrainingArguments) -> None:
         raise ValueError(f"--adapt_shared must be one of {ADAPT_SHARED}, got {args.adapt_shared!r}")
     if args.method != "unistd":
         raise ValueError("--init_from extends a UniSTD adapter; it does not apply to --method " + args.method)
-    config_file = Path(args.init_from) / "adapter_config.json"
-    try:
-        recorded = json.loads(config_file.read_text()).get("base_model_config") or {}
-    except (OSError, json.JSONDecodeError):
-        recorded = {}
+    recorded = recorded_model_config(args.init_from)
     old_tasks = [task.get("name") for task in recorded.get("tasks", [])]
     if not old_tasks:
         raise ValueError(f"--init_from {args.init_from!r} is not a UniSTD adapter: expected a folder with an "
@@ -271,6 +267,17 @@ def check_init_from(args: TrainingArguments) -> None:
     if clash:
         raise ValueError(f"--tasks {clash} already exist in the model of --init_from (its tasks: {old_tasks}); "
                          "name only the new tasks to add")
+    if args.extrapolated_tasks not in ("auto", "none") and not recorded.get("residual_to_last_frame"):
+        raise ValueError("--extrapolated_tasks sets the base of the residual, but the model of --init_from predicts "
+                         "frames, not a residual (give 'auto' or 'none')")
+
+
+def recorded_model_config(adapter: str) -> dict:
+    """The UniSTD config a saved adapter records (its adapter_config.json's base_model_config); {} if none."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def parse_task_options(value: str | dict | None, tasks: list[str]) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..peft_integration import (
     names_a_path,
 )
 from ..pretrain import CHECKSUM_FILE, PACKAGED_BACKBONE, read_checksums, resolve_backbone, sha256_of
-from .arguments import RANDOM_BACKBONE, TrainingArguments
+from .arguments import RANDOM_BACKBONE, TrainingArguments, recorded_model_config
 
 __all__ = ["resolve_run_backbone", "build_model", "weight_parameters", "parameter_fingerprint"]
 
@@ -74,10 +75,12 @@ def build_model(
     random backbone is saved to output_dir/backbone first and loaded from there, so the saved adapter plus that
     folder are all a reload needs."""
     losses = dict(loss_l1_weight=args.loss_l1_weight, loss_gdl_weight=args.loss_gdl_weight)
-    if args.init_from:
+    if args.init_from:  # the saved model decides whether there is a residual (--residual_to_last_frame is ignored)
+        residual = bool(recorded_model_config(args.init_from).get("residual_to_last_frame"))
+        extrapolated = extrapolated_tasks(dataclasses.replace(args, residual_to_last_frame=residual), specs)
         model = add_tasks_to_unistd_peft_model(args.init_from, specs,
                                                new_experts=args.new_experts if args.adapt_shared == "new_experts" else 0,
-                                               extrapolated_tasks=extrapolated_tasks(args, specs))
+                                               extrapolated_tasks=extrapolated)
         return model, model.get_base_model().config
     if args.method != "unistd":
         model = build_reference_model(args.method, specs, hid_S=args.hidden_channels, hid_T=args.translator_channels,
