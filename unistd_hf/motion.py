@@ -63,8 +63,8 @@ def block_matching_flow(
 
 def _window_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean of `x` (B, S, H, W) over the window x window box around each pixel, the box clipped at the borders:
-    `avg_pool2d(count_include_pad=False)`'s numbers from prefix sums, O(1) per pixel (the pooling kernel made
-    block matching 5x slower)."""
+    `avg_pool2d(count_include_pad=False)`'s numbers from prefix sums, O(1) per pixel (on the (8, 81, 64, 64) cost
+    volume of a batch, one CPU thread: 15-20 ms against the pooling kernel's 105 ms)."""
     r = window // 2
     for dim, pad in ((-2, (0, 0, 1, 0)), (-1, (1, 0, 0, 0))):
         n = x.shape[dim]
