@@ -277,14 +277,13 @@ class RankMoELayer(BaseTunerLayer):
         columns of all experts and the E router logits; the last matmul adds into `result` when given."""
         fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
         kept = expert_of_column.numel()
-        if kept == 0:  # every expert's rank is 0: the adapter adds nothing (and (N, 0) cannot be viewed as (-1, 0))
-            return x.new_zeros(*x.shape[:-1], B_active.shape[-1]) if result is None else result
         hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
         gates = self.expert_gates(adapter_name, logits, overwrite_logits=True)  # (..., E); logits: a view of ours
         mixed = hidden * gates.index_select(-1, expert_of_column)  # (..., K)
         if result is None:
             return torch.matmul(mixed, B_active)  # (..., out)
-        return torch.addmm(result.reshape(-1, result.shape[-1]), mixed.view(-1, kept), B_active).view(result.shape)
+        # flatten, not view(-1, K): with every rank 0 (K = 0) the leading size cannot be inferred from 0 elements
+        return torch.addmm(result.reshape(-1, result.shape[-1]), mixed.flatten(0, -2), B_active).view(result.shape)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """[A restricted to the columns with a non-zero mask | router weight] as a (K+E, in) weight, its bias
