@@ -233,7 +233,7 @@ def validate_arguments(args: TrainingArguments) -> None:
         raise ValueError("--load_balancing_weight balances the routers of RankMoE experts: use it with --adapter rankmoe "
                          "or fixed_rank (LoRA has one expert, 'none' no router)")
     if args.extrapolated_tasks not in ("auto", "none"):
-        named = [name.strip() for name in args.extrapolated_tasks.split(",") if name.strip()]
+        named = comma_list(args.extrapolated_tasks)
         if not set(named) <= set(args.tasks):
             raise ValueError(f"--extrapolated_tasks names task(s) {sorted(set(named) - set(args.tasks))} that are not in "
                              f"--tasks {args.tasks} (or give 'auto' / 'none')")
@@ -272,6 +272,11 @@ def check_init_from(args: TrainingArguments) -> None:
                          "frames, not a residual (give 'auto' or 'none')")
 
 
+def comma_list(text: str) -> list[str]:
+    """The names of a comma-separated flag value ("a, b" -> ["a", "b"])."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def recorded_model_config(adapter: str) -> dict:
     """The UniSTD config a saved adapter records (its adapter_config.json's base_model_config); {} if none."""
     try:
@@ -300,7 +305,7 @@ def parse_task_options(value: str | dict | None, tasks: list[str]) -> dict[str, 
 def parse_clip_counts(text: str) -> dict[str, int]:
     """'a=10,b=20' -> {'a': 10, 'b': 20}, with a clear error for anything else."""
     overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in comma_list(text or ""):
         name, _, count = item.partition("=")
         if not count.strip().isdigit() or int(count) < 1:
             raise ValueError(f"--num_train_per_task expects 'task=clips,...' with clips >= 1, got {item!r}")

@@ -24,7 +24,7 @@ from ..peft_integration import (
     names_a_path,
 )
 from ..pretrain import CHECKSUM_FILE, PACKAGED_BACKBONE, read_checksums, resolve_backbone, sha256_of
-from .arguments import RANDOM_BACKBONE, TrainingArguments, recorded_model_config
+from .arguments import RANDOM_BACKBONE, TrainingArguments, comma_list, recorded_model_config
 
 __all__ = ["resolve_run_backbone", "build_model", "weight_parameters", "parameter_fingerprint"]
 
@@ -64,7 +64,7 @@ def extrapolated_tasks(args: TrainingArguments, specs: list[TaskSpec]) -> list[s
         return []
     if args.extrapolated_tasks == "auto":
         return [s.name for s in specs if s.discipline in EXTRAPOLATED_DISCIPLINES]
-    named = {name.strip() for name in args.extrapolated_tasks.split(",")}
+    named = comma_list(args.extrapolated_tasks)
     return [s.name for s in specs if s.name in named]
 
 
