@@ -78,6 +78,7 @@ def hard_rank_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (positions[None, :] < rank.detach().round()[:, None]).to(rank.dtype)  # (E, R)
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of the dtype, read on every training step
 def gate_floor(dtype: torch.dtype) -> float:
     """Smallest non-zero router gate in `dtype`: sqrt(tiny) (1.1e-19 in float32 and bfloat16, 1.5e-154 in float64).
 
@@ -137,7 +138,7 @@ class MixtureOfExperts(torch.autograd.Function):
     its input gradient), so that the whole layer is this one node. mask (E, R) is the soft mask of the continuous
     ranks (`FractionalRankMask`, with its gradient rule), or for frozen ranks the given `column_scale` (mask *
     scaling). A routing unit is one token (token router, U = N) or N / U consecutive tokens whose mean the router
-    sees (sequence router). `options` = (scaling, rank_grad_scale, U, top_k, fuse_router, base).
+    sees (sequence router). `options` = (scaling, rank_grad_scale, U (None: N), top_k, fuse_router, base).
 
     Why one node: at small widths a layer's step costs the number of kernels, autograd nodes and Python calls, not
     flops. A width-32 layer's training step, base layer included, runs 70 aten ops in this one node; the same math
@@ -157,6 +158,8 @@ class MixtureOfExperts(torch.autograd.Function):
         input_shape = x.shape
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         tokens = x.shape[0]
+        if units is None:  # token router
+            units = tokens
         if base is not None:  # a frozen nn.Linear's (weight, bias): its matmul happens here, its gradient below
             result = F.linear(x, *base)  # (N, out)
         shape = input_shape[:-1] + result.shape[-1:]  # (..., out); reshaped here: no view nodes around this one
@@ -166,7 +169,9 @@ class MixtureOfExperts(torch.autograd.Function):
                 column_scale.mul_(scaling)
         if column_scale.dtype != A.dtype:  # autocast
             column_scale = column_scale.to(A.dtype)
-        A_columns = (A.transpose(1, 2) * column_scale.unsqueeze(-1)).reshape(num_experts * columns, -1)  # (E*R, in)
+        A_columns = torch.mul(  # written straight into the (E, R, in) layout: no copy after the product
+            A.transpose(1, 2), column_scale.unsqueeze(-1), out=A.new_empty(num_experts, columns, A.shape[1])
+        ).view(num_experts * columns, -1)  # (E*R, in)
         if fuse_router:  # one matmul gives the hidden values and the logits
             matrix = torch.cat([A_columns, weight])  # (E*R+E, in)
             hidden, logits = F.linear(x, matrix).split([num_experts * columns, num_experts], dim=-1)
@@ -178,11 +183,11 @@ class MixtureOfExperts(torch.autograd.Function):
             logits = F.linear(router_input, weight, bias)  # (U, E)
         gates = _gates(logits, top_k)  # (U, E)
         hidden = hidden.view(units, -1, num_experts, columns)  # (U, S, E, R)
-        gated = (hidden * gates.view(units, 1, num_experts, 1)).view(tokens, -1)  # (N, E*R); freed, not kept
+        gated = (hidden * gates.view(units, 1, num_experts, 1)).view(tokens, -1)  # (N, E*R), kept for dL/dB
         B_rows = B.view(num_experts * columns, -1)  # (E*R, out)
         # inputs go through save_for_backward (in-place checks); intermediates are kept on ctx, which is cheaper
         ctx.save_for_backward(x, A, B, weight, rank)
-        ctx.intermediates = (column_scale, matrix, hidden, gates, router_input, B_rows)
+        ctx.intermediates = (column_scale, matrix, hidden, gated, gates, router_input, B_rows)
         if result.dim() != 2:
             result = result.reshape(tokens, -1)
         ctx.rank_factor = rank_grad_scale * scaling
@@ -192,14 +197,14 @@ class MixtureOfExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B, weight, rank = ctx.saved_tensors
-        column_scale, matrix, hidden, gates, router_input, B_rows = ctx.intermediates
+        column_scale, matrix, hidden, gated, gates, router_input, B_rows = ctx.intermediates
         num_experts, _, columns = A.shape
         units, tokens = gates.shape[0], x.shape[0]
         _, need_x, need_A, need_B, need_weight, need_bias, need_rank = ctx.needs_input_grad[:7]
         grad_result, grad_out = grad_out, grad_out.reshape(tokens, -1)  # (..., out), (N, out)
         gates_4d = gates.view(units, 1, num_experts, 1)
         grad_gated = F.linear(grad_out, B_rows).view_as(hidden)  # (U, S, E, R)
-        grad_B = ((hidden * gates_4d).view(tokens, -1).t() @ grad_out).view_as(B) if need_B else None  # (E, R, out)
+        grad_B = (gated.t() @ grad_out).view_as(B) if need_B else None  # (E, R, out)
         grad_gates = torch.linalg.vecdot(grad_gated, hidden)  # (U, S, E)
         grad_gates = grad_gates.view(units, num_experts) if grad_gates.shape[1] == 1 else grad_gates.sum(dim=1)
         grad_logits = torch._softmax_backward_data(grad_gates, gates, -1, gates.dtype)  # (U, E)

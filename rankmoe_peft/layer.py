@@ -194,25 +194,28 @@ class RankMoELayer(BaseTunerLayer):
         return self._mixture(adapter_name, x, result)
 
     def _mixture(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None,
-                 fold_base: bool = False) -> torch.Tensor:
+                 base: tuple[torch.Tensor, torch.Tensor | None] | None = None, autocast: bool | None = None
+                 ) -> torch.Tensor:
         """`result + adapter_delta(x)` (the delta alone for result None) through `functional.MixtureOfExperts`;
-        with `fold_base` (see `Linear.folds_base_layer`) the node computes the base layer's output itself.
-        Written for per-call overhead: at small widths every lookup, view and autograd node shows in the step.
+        with `base` = (weight, bias) of the frozen base layer (see `Linear.folded_base`) the node computes the base
+        layer's output itself. `autocast`: whether autocast is on, when the caller knows. Written for per-call
+        overhead: at small widths every lookup, call, view and autograd node shows in the step.
 
         Under autocast the node runs in the autocast dtype, with its inputs cast outside it (autograd carries the
         gradients back to the float32 parameters), so its backward meets the dtypes its forward saw."""
-        settings = self.rankmoe_settings[adapter_name]
-        A, B, weight, bias, rank = self._adapter_tensors(adapter_name)
-        per_sequence = x.dim() >= 3 and settings.router == "sequence"
-        units = x.shape[0] if per_sequence else x.numel() // x.shape[-1]
+        modules, settings = self._modules, self.rankmoe_settings[adapter_name]
+        # read from the modules' own dicts: a ParameterDict or ModuleDict lookup costs ~1.5 us
+        router = modules["rankmoe_router"]._modules[adapter_name]._parameters
+        A, B = modules["rankmoe_A"]._parameters[adapter_name], modules["rankmoe_B"]._parameters[adapter_name]
+        weight, bias, rank = router["weight"], router["bias"], modules["rankmoe_rank"]._parameters[adapter_name]
+        per_sequence = settings.router == "sequence" and x.dim() >= 3
         column_scale = self.column_scale(adapter_name) if self.rank_frozen[adapter_name] else None  # None: inside
-        base = (self._modules["base_layer"]._parameters["weight"], self._modules["base_layer"]._parameters["bias"]
-                ) if fold_base else None
-        options = (self.scaling[adapter_name], settings.rank_grad_scale, units, settings.top_k,
-                   not per_sequence and x.numel() >= FUSE_MIN_INPUT, base)
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
+        options = (self.scaling[adapter_name], settings.rank_grad_scale, x.shape[0] if per_sequence else None,
+                   settings.top_k, not per_sequence and x.numel() >= FUSE_MIN_INPUT, base)
+        if autocast is None:
+            autocast = torch.is_autocast_enabled(x.device.type)
         if autocast:
+            device = x.device.type
             dtype = torch.get_autocast_dtype(device)
             x, A, B, weight, bias = (t.to(dtype) for t in (x, A, B, weight, bias))
             result = None if result is None else result.to(dtype)
@@ -223,14 +226,6 @@ class RankMoELayer(BaseTunerLayer):
             return _apply_mixture(*inputs)  # (..., out)
         with torch.autocast(device, enabled=False):
             return _apply_mixture(*inputs)
-
-    def _adapter_tensors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """(A, B, router weight, router bias, rank) of an adapter, read from the modules' own dicts: a ParameterDict
-        or ModuleDict lookup costs ~1.5 us, which shows in a width-32 step."""
-        modules = self._modules
-        router = modules["rankmoe_router"]._modules[adapter_name]._parameters
-        return (modules["rankmoe_A"]._parameters[adapter_name], modules["rankmoe_B"]._parameters[adapter_name],
-                router["weight"], router["bias"], modules["rankmoe_rank"]._parameters[adapter_name])
 
     def column_scale(self, adapter_name: str) -> torch.Tensor:
         """(E, R) rank mask times the LoRA scaling, in A's dtype: the soft mask of the searched ranks (differentiable
@@ -331,34 +326,39 @@ class Linear(nn.Module, RankMoELayer):
         self.register_state_dict_post_hook(_truncate_discretized_state)
         self.register_load_state_dict_pre_hook(_pad_truncated_state)
 
-    def folds_base_layer(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
-        """Whether this call's training path may compute the base layer inside the adapter's autograd node: a
-        plain, frozen `nn.Linear` without hooks, one active adapter, no dropout, no autocast, one dtype. Its
-        output and gradients are the same; the step loses the base layer's own nodes (~3% of a width-32 step).
-        Written with direct dict reads, cheapest checks first: it runs on every call."""
-        if not torch.is_grad_enabled() or args or kwargs or self._disable_adapters:
-            return False
+    def folded_base(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, tuple] | None:
+        """(adapter name, (weight, bias) of the base layer) when this call's training path may compute the base
+        layer inside the adapter's autograd node, else None: a plain, frozen `nn.Linear` without hooks, one active
+        adapter, no dropout, no autocast, one dtype. Its output and gradients are the same; the step loses the base
+        layer's own nodes (~3% of a width-32 step). Written with direct dict reads, cheapest checks first: it runs
+        on every call."""
+        if args or kwargs or self._disable_adapters or not torch.is_grad_enabled():
+            return None
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear:
-            return False
+            return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != x.dtype:
-            return False
+            return None
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
-            return False
+            return None
         if _global_module_hooks() or torch.is_autocast_enabled(x.device.type):
-            return False
+            return None
         names = self.active_adapters
         if len(names) != 1:
-            return False
-        A = self._modules["rankmoe_A"]._parameters.get(names[0])
+            return None
+        name = names[0]
+        A = self._modules["rankmoe_A"]._parameters.get(name)
         if A is None or A.dtype != x.dtype:
-            return False
-        return not (self.training and isinstance(self._modules["rankmoe_dropout"]._modules[names[0]], nn.Dropout))
+            return None
+        if self.training and isinstance(self._modules["rankmoe_dropout"]._modules[name], nn.Dropout):
+            return None
+        return name, (weight, bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.folds_base_layer(x, *args, **kwargs):
-            return self._mixture(self.active_adapters[0], x, None, fold_base=True)
+        folded = self.folded_base(x, *args, **kwargs)
+        if folded is not None:
+            return self._mixture(folded[0], x, None, base=folded[1], autocast=False)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result

@@ -205,6 +205,34 @@ def test_training_path_is_one_autograd_node(router, discretize):
     assert len(adapter_nodes) - len(base_nodes) <= 3  # the node, and views of the input and output
 
 
+class ProductCount(TorchDispatchMode):
+    """Counts elementwise products (aten mul) whose output has `numel` entries."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mul", "mul_") and isinstance(out, torch.Tensor):
+            self.count += out.numel() == self.numel
+        return out
+
+
+@pytest.mark.parametrize("router", ["token", "sequence"])
+def test_backward_reuses_the_gated_hidden_values_of_the_forward_pass(router):
+    """The (N, E*R) gated hidden values are made once, in the forward pass, and kept for dL/dB; the backward pass
+    forms only the two (N, E*R) products it needs (dL/dhidden = dL/dgated * gates, and dL/dgated * hidden inside
+    the gates' gradient), three before. (That the gradients are right is test_peaked_router_gradients_match_reference
+    and the finite-difference tests of test_rankmoe.py.)"""
+    layer = peaked_layer(router, std=0.5)
+    out = layer(torch.randn(3, 5, 12, requires_grad=True))
+    counter = ProductCount(numel=3 * 5 * 6 * 4)  # N tokens x E experts x R columns
+    with counter:
+        out.backward(torch.randn(3, 5, 12))
+    assert counter.count == 2
+
+
 def layer_gradients(layer, x: torch.Tensor, upstream: torch.Tensor, autocast: torch.dtype | None = None) -> list:
     """Output and the gradients of input, factors, router and ranks after one backward pass."""
     params = [layer.rankmoe_A["default"], layer.rankmoe_B["default"], layer.rankmoe_router["default"].weight,
