@@ -144,11 +144,11 @@ class MixtureOfExperts(torch.autograd.Function):
     flops. A width-32 layer's training step, base layer included, runs 68 aten ops in this one node; the same math
     through plain autograd ran 105 ops in 25 nodes, LoRA runs 42 in 13 (benchmarks/bench_layers.py --preset tiny:
     1.54x LoRA's step; 1.61x before the gated values were kept for dL/dB and A's columns written in place, 1.81x
-    before the base layer joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the router's rows ride in the experts' matmul,
-    forward and backward, so a large input is read once by each matmul it takes part in. Gates are those of
-    `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the softmax backward uses them as well.
-    Under autocast the caller casts the inputs (see `RankMoELayer._mixture`): the node computes in one dtype,
-    forward and backward.
+    before the base layer joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
+    router's rows ride in the experts' matmul, forward and backward, so a large input is read once by each matmul
+    it takes part in. Gates are those of `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the
+    softmax backward uses them as well. Under autocast the caller casts the inputs (see `RankMoELayer._mixture`):
+    the node computes in one dtype, forward and backward.
     """
 
     @staticmethod

@@ -194,12 +194,11 @@ class RankMoELayer(BaseTunerLayer):
         return self._mixture(adapter_name, x, result)
 
     def _mixture(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None,
-                 base: tuple[torch.Tensor, torch.Tensor | None] | None = None, autocast: bool | None = None
-                 ) -> torch.Tensor:
+                 base: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """`result + adapter_delta(x)` (the delta alone for result None) through `functional.MixtureOfExperts`;
         with `base` = (weight, bias) of the frozen base layer (see `Linear.folded_base`) the node computes the base
-        layer's output itself. `autocast`: whether autocast is on, when the caller knows. Written for per-call
-        overhead: at small widths every lookup, call, view and autograd node shows in the step.
+        layer's output itself. Written for per-call overhead: at small widths every lookup, call, view and autograd
+        node shows in the step.
 
         Under autocast the node runs in the autocast dtype, with its inputs cast outside it (autograd carries the
         gradients back to the float32 parameters), so its backward meets the dtypes its forward saw."""
@@ -212,10 +211,9 @@ class RankMoELayer(BaseTunerLayer):
         column_scale = self.column_scale(adapter_name) if self.rank_frozen[adapter_name] else None  # None: inside
         options = (self.scaling[adapter_name], settings.rank_grad_scale, x.shape[0] if per_sequence else None,
                    settings.top_k, not per_sequence and x.numel() >= FUSE_MIN_INPUT, base)
-        if autocast is None:
-            autocast = torch.is_autocast_enabled(x.device.type)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
         if autocast:
-            device = x.device.type
             dtype = torch.get_autocast_dtype(device)
             x, A, B, weight, bias = (t.to(dtype) for t in (x, A, B, weight, bias))
             result = None if result is None else result.to(dtype)
@@ -358,7 +356,7 @@ class Linear(nn.Module, RankMoELayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         folded = self.folded_base(x, *args, **kwargs)
         if folded is not None:
-            return self._mixture(folded[0], x, None, base=folded[1], autocast=False)
+            return self._mixture(folded[0], x, None, base=folded[1])
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
