@@ -46,23 +46,26 @@ def soft_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (rank.unsqueeze(1) - _positions(max_rank, rank.device, rank.dtype)).clamp_(0.0, 1.0)
 
 
-def _positions(max_rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(R,) column indices 0 .. R-1, made once per (R, device, dtype): an arange per call shows in a width-32 step.
-    Never written to; made fresh while torch.compile traces (a traced tensor must not be cached)."""
+def _positions(max_rank: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] = (-1,)
+               ) -> torch.Tensor:
+    """Column indices 0 .. R-1 in `shape` ((R,) or (R, 1)), made once per (R, device, dtype, shape): an arange per
+    call shows in a width-32 step. Never written to; made fresh while torch.compile traces (a traced tensor must
+    not be cached)."""
     if torch.compiler.is_compiling():
-        return torch.arange(max_rank, device=device, dtype=dtype)
-    return _cached_positions(max_rank, device, dtype)
+        return torch.arange(max_rank, device=device, dtype=dtype).view(shape)
+    return _cached_positions(max_rank, device, dtype, shape)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_positions(max_rank: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _cached_positions(max_rank: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+                      ) -> torch.Tensor:
     with torch.inference_mode(False):  # an ordinary tensor, also when first needed under inference_mode
-        return torch.arange(max_rank, device=device, dtype=dtype)
+        return torch.arange(max_rank, device=device, dtype=dtype).view(shape)
 
 
 def active_component(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     """(E, 1) index k = min(floor(r), R - 1) of the component whose mask entry receives the rank's gradient."""
-    return rank.clamp(0, max_rank - 1).long().unsqueeze(1)  # truncation is floor on [0, R-1]
+    return rank.long().clamp_(0, max_rank - 1).unsqueeze(1)  # truncation is floor for r >= 0, and r < 0 gives 0
 
 
 def fractional_rank_mask(rank: torch.Tensor, max_rank: int, rank_grad_scale: float = 1.0) -> torch.Tensor:
@@ -141,10 +144,11 @@ class MixtureOfExperts(torch.autograd.Function):
     sees (sequence router). `options` = (scaling, rank_grad_scale, U (None: N), top_k, fuse_router, base).
 
     Why one node: at small widths a layer's step costs the number of kernels, autograd nodes and Python calls, not
-    flops. A width-32 layer's training step, base layer included, runs 68 aten ops in this one node; the same math
-    through plain autograd ran 105 ops in 25 nodes, LoRA runs 42 in 13 (benchmarks/bench_layers.py --preset tiny:
-    1.54x LoRA's step; 1.61x before the gated values were kept for dL/dB and A's columns written in place, 1.81x
-    before the base layer joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
+    flops. A width-32 layer's training step, base layer included, dispatches 63 aten ops (23 forward, 40 backward,
+    gradient accumulation counted), LoRA's 39 (14, 25); through plain autograd the same math took 25 nodes
+    (benchmarks/bench_layers.py --preset tiny: ~1.5x LoRA's step; 1.54x before the rank mask was made in the shape
+    it is used in, 1.61x before the gated values were kept for dL/dB and A's columns written in place, 1.81x before
+    the base layer joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
     router's rows ride in the experts' matmul, forward and backward, so a large input is read once by each matmul
     it takes part in. Gates are those of `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the
     softmax backward uses them as well. Under autocast the caller casts the inputs (see `RankMoELayer._mixture`):
@@ -163,14 +167,17 @@ class MixtureOfExperts(torch.autograd.Function):
         if base is not None:  # a frozen nn.Linear's (weight, bias): its matmul happens here, its gradient below
             result = F.linear(x, *base)  # (N, out)
         shape = input_shape[:-1] + result.shape[-1:]  # (..., out); reshaped here: no view nodes around this one
-        if column_scale is None:  # ranks being searched
-            column_scale = soft_mask(rank, columns)  # (E, R)
+        if column_scale is None:  # ranks being searched: `soft_mask`, made as (E, R, 1) directly
+            positions = _positions(columns, rank.device, rank.dtype, (-1, 1))  # (R, 1)
+            column_scale = (rank.view(-1, 1, 1) - positions).clamp_(0.0, 1.0)  # (E, R, 1)
             if scaling != 1.0:
                 column_scale.mul_(scaling)
+        else:
+            column_scale = column_scale.unsqueeze(-1)  # (E, R, 1)
         if column_scale.dtype != A.dtype:  # autocast
             column_scale = column_scale.to(A.dtype)
         A_columns = torch.mul(  # written straight into the (E, R, in) layout: no copy after the product
-            A.transpose(1, 2), column_scale.unsqueeze(-1), out=A.new_empty(num_experts, columns, A.shape[1])
+            A.transpose(1, 2), column_scale, out=A.new_empty(num_experts, columns, A.shape[1])
         ).view(num_experts * columns, -1)  # (E*R, in)
         if fuse_router:  # one matmul gives the hidden values and the logits
             matrix = torch.cat([A_columns, weight])  # (E*R+E, in)
@@ -187,7 +194,7 @@ class MixtureOfExperts(torch.autograd.Function):
         B_rows = B.view(num_experts * columns, -1)  # (E*R, out)
         # inputs go through save_for_backward (in-place checks); intermediates are kept on ctx, which is cheaper
         ctx.save_for_backward(x, A, B, weight, rank)
-        ctx.intermediates = (column_scale, matrix, hidden, gated, gates, router_input, B_rows)
+        ctx.intermediates = (column_scale, matrix, hidden, gated, gates, router_input, B_rows)  # column_scale (E, R, 1)
         if result.dim() != 2:
             result = result.reshape(tokens, -1)
         ctx.rank_factor = rank_grad_scale * scaling
@@ -200,11 +207,11 @@ class MixtureOfExperts(torch.autograd.Function):
         column_scale, matrix, hidden, gated, gates, router_input, B_rows = ctx.intermediates
         num_experts, _, columns = A.shape
         units, tokens = gates.shape[0], x.shape[0]
-        _, need_x, need_A, need_B, need_weight, need_bias, need_rank = ctx.needs_input_grad[:7]
+        _, need_x, need_A, need_B, need_weight, need_bias, need_rank, _, _ = ctx.needs_input_grad
         grad_result, grad_out = grad_out, grad_out.reshape(tokens, -1)  # (..., out), (N, out)
         gates_4d = gates.view(units, 1, num_experts, 1)
         grad_gated = F.linear(grad_out, B_rows).view_as(hidden)  # (U, S, E, R)
-        grad_B = (gated.t() @ grad_out).view_as(B) if need_B else None  # (E, R, out)
+        grad_B = (gated.t() @ grad_out).view(num_experts, columns, -1) if need_B else None  # (E, R, out)
         grad_gates = torch.linalg.vecdot(grad_gated, hidden)  # (U, S, E)
         grad_gates = grad_gates.view(units, num_experts) if grad_gates.shape[1] == 1 else grad_gates.sum(dim=1)
         grad_logits = torch._softmax_backward_data(grad_gates, gates, -1, gates.dtype)  # (U, E)
@@ -225,7 +232,7 @@ class MixtureOfExperts(torch.autograd.Function):
                 grad_x = (grad_hidden @ matrix).view(units, S, -1) + (grad_logits @ weight).unsqueeze(1) / S
                 grad_x = grad_x.view(tokens, -1)
         grad_columns = grad_columns.view(num_experts, columns, -1)  # (E, R, in), w.r.t. the scaled columns
-        grad_A = (grad_columns * column_scale.unsqueeze(-1)).transpose(1, 2) if need_A else None  # (E, in, R)
+        grad_A = (grad_columns * column_scale).transpose(1, 2) if need_A else None  # (E, in, R)
         grad_rank = None
         if need_rank:  # the rule of FractionalRankMask: only the component k = floor(r) gets dL/dmask
             active = active_component(rank, columns)  # (E, 1)
