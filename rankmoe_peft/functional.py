@@ -37,8 +37,8 @@ class FractionalRankMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mask: torch.Tensor):
         (rank,) = ctx.saved_tensors
-        active = active_component(rank.detach(), grad_mask.shape[-1])  # (E, 1)
-        return ctx.rank_grad_scale * grad_mask.gather(1, active).squeeze(1), None, None  # (E,)
+        active = active_component(rank.detach(), grad_mask.shape[-1])  # (E,) flat indices into (E, R)
+        return ctx.rank_grad_scale * grad_mask.take(active), None, None  # (E,)
 
 
 def soft_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
@@ -46,26 +46,29 @@ def soft_mask(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (rank.unsqueeze(1) - _positions(max_rank, rank.device, rank.dtype)).clamp_(0.0, 1.0)
 
 
-def _positions(max_rank: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] = (-1,)
+def _positions(count: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] = (-1,), step: int = 1
                ) -> torch.Tensor:
-    """Column indices 0 .. R-1 in `shape` ((R,) or (R, 1)), made once per (R, device, dtype, shape): an arange per
+    """0, step, .. (count - 1) * step in `shape` (e.g. (R,) or (R, 1)), made once per arguments: an arange per
     call shows in a width-32 step. Never written to; made fresh while torch.compile traces (a traced tensor must
     not be cached)."""
     if torch.compiler.is_compiling():
-        return torch.arange(max_rank, device=device, dtype=dtype).view(shape)
-    return _cached_positions(max_rank, device, dtype, shape)
+        return torch.arange(0, count * step, step, device=device, dtype=dtype).view(shape)
+    return _cached_positions(count, device, dtype, shape, step)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_positions(max_rank: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+def _cached_positions(count: int, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], step: int
                       ) -> torch.Tensor:
     with torch.inference_mode(False):  # an ordinary tensor, also when first needed under inference_mode
-        return torch.arange(max_rank, device=device, dtype=dtype).view(shape)
+        return torch.arange(0, count * step, step, device=device, dtype=dtype).view(shape)
 
 
 def active_component(rank: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """(E, 1) index k = min(floor(r), R - 1) of the component whose mask entry receives the rank's gradient."""
-    return rank.long().clamp_(0, max_rank - 1).unsqueeze(1)  # truncation is floor for r >= 0, and r < 0 gives 0
+    """(E,) flat index e * R + k into an (E, R) tensor of each expert's component k = min(floor(r_e), R - 1), the
+    one whose mask entry receives the rank's gradient (read with `Tensor.take`: one kernel, no view)."""
+    first_of_row = _positions(rank.numel(), rank.device, torch.long, step=max_rank)  # (E,) e * R
+    # truncation is floor for r >= 0, and r < 0 gives 0
+    return rank.long().clamp_(0, max_rank - 1).add_(first_of_row)
 
 
 def fractional_rank_mask(rank: torch.Tensor, max_rank: int, rank_grad_scale: float = 1.0) -> torch.Tensor:
@@ -144,11 +147,12 @@ class MixtureOfExperts(torch.autograd.Function):
     sees (sequence router). `options` = (scaling, rank_grad_scale, U (None: N), top_k, fuse_router, base).
 
     Why one node: at small widths a layer's step costs the number of kernels, autograd nodes and Python calls, not
-    flops. A width-32 layer's training step, base layer included, dispatches 63 aten ops (23 forward, 40 backward,
+    flops. A width-32 layer's training step, base layer included, dispatches 62 aten ops (23 forward, 39 backward,
     gradient accumulation counted), LoRA's 39 (14, 25); through plain autograd the same math took 25 nodes
-    (benchmarks/bench_layers.py --preset tiny: 1.51x LoRA's step; 1.54x before the rank mask was made in the shape
-    it is used in, 1.61x before the gated values were kept for dL/dB and A's columns written in place, 1.81x before
-    the base layer joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
+    (benchmarks/bench_layers.py --preset tiny: 1.47x LoRA's step; 1.51x before the tensors left save_for_backward
+    and the layer's per-call checks were cut, 1.54x before the rank mask was made in the shape it is used in, 1.61x
+    before the gated values were kept for dL/dB and A's columns written in place, 1.81x before the base layer
+    joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
     router's rows ride in the experts' matmul, forward and backward, so a large input is read once by each matmul
     it takes part in. Gates are those of `route` (sub-floor gates exactly 0, so no denormal reaches a matmul); the
     softmax backward uses them as well. Under autocast the caller casts the inputs (see `RankMoELayer._mixture`):
@@ -192,19 +196,21 @@ class MixtureOfExperts(torch.autograd.Function):
         hidden = hidden.view(units, -1, num_experts, columns)  # (U, S, E, R)
         gated = (hidden * gates.view(units, 1, num_experts, 1)).view(tokens, -1)  # (N, E*R), kept for dL/dB
         B_rows = B.view(num_experts * columns, -1)  # (E*R, out)
-        # inputs go through save_for_backward (in-place checks); intermediates are kept on ctx, which is cheaper
-        ctx.save_for_backward(x, A, B, weight, rank)
-        ctx.intermediates = (column_scale, matrix, hidden, gated, gates, router_input, B_rows)  # column_scale (E, R, 1)
         if result.dim() != 2:
             result = result.reshape(tokens, -1)
-        ctx.rank_factor = rank_grad_scale * scaling
-        ctx.fuse_router, ctx.input_shape, ctx.base = fuse_router, input_shape, base
+        # everything backward reads, kept on ctx in one tuple: save_for_backward would wrap the inputs in
+        # SavedVariables (~10 us of a width-32 layer's step); the check it makes, that no input was changed in place
+        # before backward, is made on the version counters recorded here
+        ctx.kept = (column_scale, matrix, hidden, gated, gates, router_input, B_rows, x, A, B, weight, rank,
+                    _versions(x, A, B, weight, rank, base), rank_grad_scale * scaling, fuse_router, input_shape, base)
         return torch.addmm(result, gated, B_rows).view(shape)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, weight, rank = ctx.saved_tensors
-        column_scale, matrix, hidden, gated, gates, router_input, B_rows = ctx.intermediates
+        (column_scale, matrix, hidden, gated, gates, router_input, B_rows, x, A, B, weight, rank, versions,
+         rank_factor, fuse_router, input_shape, base) = ctx.kept
+        if versions != _versions(x, A, B, weight, rank, base):
+            _raise_changed_in_place((x, A, B, weight, rank) + (() if base is None else base[:1]), versions)
         num_experts, _, columns = A.shape
         units, tokens = gates.shape[0], x.shape[0]
         _, need_x, need_A, need_B, need_weight, need_bias, need_rank, _, _ = ctx.needs_input_grad
@@ -217,7 +223,7 @@ class MixtureOfExperts(torch.autograd.Function):
         grad_logits = torch._softmax_backward_data(grad_gates, gates, -1, gates.dtype)  # (U, E)
         grad_hidden = (grad_gated * gates_4d).view(tokens, -1)  # (N, E*R)
         grad_bias = grad_logits.sum(dim=0) if need_bias else None
-        if ctx.fuse_router:
+        if fuse_router:
             grad_both = torch.cat([grad_hidden, grad_logits], dim=-1)  # (N, E*R+E)
             grad_x = grad_both @ matrix if need_x else None
             grad_columns, grad_weight = (grad_both.t() @ x).split([num_experts * columns, num_experts])
@@ -235,20 +241,37 @@ class MixtureOfExperts(torch.autograd.Function):
         grad_A = (grad_columns * column_scale).transpose(1, 2) if need_A else None  # (E, in, R)
         grad_rank = None
         if need_rank:  # the rule of FractionalRankMask: only the component k = floor(r) gets dL/dmask
-            active = active_component(rank, columns)  # (E, 1)
-            grad_scale = torch.linalg.vecdot(grad_columns, A.transpose(1, 2)).gather(1, active)  # (E, 1) dL/dscale
-            grad_rank = grad_scale.view(-1)  # (E,)
+            active = active_component(rank, columns)  # (E,)
+            grad_rank = torch.linalg.vecdot(grad_columns, A.transpose(1, 2)).take(active)  # (E,) dL/dscale
             if grad_rank.dtype != rank.dtype:
                 grad_rank = grad_rank.to(rank.dtype)
-            if ctx.rank_factor != 1.0:
-                grad_rank.mul_(ctx.rank_factor)
-        if grad_x is not None and ctx.base is not None:
-            grad_x = torch.addmm(grad_x, grad_out, ctx.base[0])  # the base layer's input gradient
+            if rank_factor != 1.0:
+                grad_rank.mul_(rank_factor)
+        if grad_x is not None and base is not None:
+            grad_x = torch.addmm(grad_x, grad_out, base[0])  # the base layer's input gradient
         if grad_x is not None:
-            grad_x = grad_x.view(ctx.input_shape)
-        if ctx.base is not None:
+            grad_x = grad_x.view(input_shape)
+        if base is not None:
             grad_result = None
         return grad_result, grad_x, grad_A, grad_B, grad_weight, grad_bias, grad_rank, None, None
+
+
+def _versions(x, A, B, weight, rank, base) -> tuple[int, ...]:
+    """In-place version counters of the tensors `MixtureOfExperts.backward` reads (the base layer's weight too)."""
+    return x._version, A._version, B._version, weight._version, rank._version, 0 if base is None else base[0]._version
+
+
+_INPUT_NAMES = ("the layer input", "rankmoe_A", "rankmoe_B", "the router weight", "rankmoe_rank", "the base layer weight")
+
+
+def _raise_changed_in_place(tensors: tuple[torch.Tensor, ...], versions: tuple[int, ...]) -> None:
+    """The error autograd gives for a saved tensor changed between forward and backward, naming the tensor."""
+    changed = [f"{name} {tuple(t.shape)} is at version {t._version}, expected {v}"
+               for name, t, v in zip(_INPUT_NAMES, tensors, versions) if t._version != v]
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace operation: "
+        + "; ".join(changed) + ". Run backward before changing it (e.g. call optimizer.step() after backward)."
+    )
 
 
 def _gates(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:

@@ -268,6 +268,30 @@ def test_folded_base_layer_gives_the_gradients_of_the_unfolded_path():
     assert layer.base_layer.weight.grad is not None and layer.base_layer.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("changed", ["rankmoe_A", "rankmoe_rank", "router", "input", "base"])
+def test_a_tensor_changed_in_place_before_backward_is_an_error(changed):
+    """The node keeps its tensors on ctx rather than in save_for_backward; it still refuses, as autograd does, to
+    compute gradients from a tensor changed in place between forward and backward, and names it."""
+    layer = peaked_layer(std=0.5)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    inner = x * 1.0  # a non-leaf activation, as a layer's input is
+    out = layer(inner)
+    assert "MixtureOfExpertsBackward" in autograd_nodes(out)
+    tensor, name = {
+        "rankmoe_A": (layer.rankmoe_A["default"], "rankmoe_A"),
+        "rankmoe_rank": (layer.rankmoe_rank["default"], "rankmoe_rank"),
+        "router": (layer.rankmoe_router["default"].weight, "the router weight"),
+        "input": (inner, "the layer input"),
+        "base": (layer.base_layer.weight, "the base layer weight"),
+    }[changed]
+    with torch.no_grad():
+        tensor.mul_(0.5)
+    with pytest.raises(RuntimeError, match=f"modified by an inplace operation: {name} "):
+        out.sum().backward()
+    layer(x * 1.0).sum().backward()  # unchanged tensors: fine
+    assert x.grad is not None
+
+
 @pytest.mark.parametrize("discretize", [False, True], ids=["searching", "discretized"])
 def test_training_under_autocast_runs_in_the_autocast_dtype(discretize):
     """Mixed precision (Accelerate's bf16/fp16 = autocast): the node computes in the autocast dtype, its backward
