@@ -125,7 +125,7 @@ def inference_step(encoder, tokens, clock=time.perf_counter) -> float:
 def saved_bytes(encoder, tokens) -> int:
     """Bytes of the distinct activations autograd keeps for backward after one forward pass: tensors saved through
     `save_for_backward` (seen by saved-tensor hooks) and those a custom Function keeps on its ctx
-    (`MixtureOfExperts.intermediates`, which the hooks do not see); parameters, which exist anyway, excluded."""
+    (`MixtureOfExperts`' `ctx.kept`, which the hooks do not see); parameters, which exist anyway, excluded."""
     seen: dict[tuple, int] = {}
     parameters = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
 
@@ -143,9 +143,13 @@ def saved_bytes(encoder, tokens) -> int:
         if node is None or node in visited:
             continue
         visited.add(node)
-        for kept in getattr(node, "intermediates", ()):
-            if isinstance(kept, torch.Tensor):
-                pack(kept)
+        kept = list(getattr(node, "kept", ()))  # `MixtureOfExperts` keeps tensors and tuples of them
+        while kept:
+            value = kept.pop()
+            if isinstance(value, torch.Tensor):
+                pack(value)
+            elif isinstance(value, tuple):
+                kept.extend(value)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return sum(seen.values())
 
