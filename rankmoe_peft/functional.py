@@ -203,6 +203,8 @@ class MixtureOfExperts(torch.autograd.Function):
         # before backward, is made on the version counters recorded here
         ctx.kept = (column_scale, matrix, hidden, gated, gates, router_input, B_rows, x, A, B, weight, rank,
                     _versions(x, A, B, weight, rank, base), rank_grad_scale * scaling, fuse_router, input_shape, base)
+        if base is not None:  # `result` is ours: add into it (an out-of-place addmm first copies it: at ViT-B size
+            return result.addmm_(gated, B_rows).view(shape)  # that copy was a quarter of RankMoE's extra cost)
         return torch.addmm(result, gated, B_rows).view(shape)  # (..., out)
 
     @staticmethod
@@ -232,7 +234,7 @@ class MixtureOfExperts(torch.autograd.Function):
             grad_weight = grad_logits.t() @ router_input if need_weight else None  # (E, in)
             grad_x = None
             if need_x and units == tokens:
-                grad_x = torch.addmm(grad_logits @ weight, grad_hidden, matrix)  # (N, in)
+                grad_x = (grad_logits @ weight).addmm_(grad_hidden, matrix)  # (N, in)
             elif need_x:  # the router saw the mean of each unit's S tokens
                 S = tokens // units
                 grad_x = (grad_hidden @ matrix).view(units, S, -1) + (grad_logits @ weight).unsqueeze(1) / S
@@ -248,7 +250,7 @@ class MixtureOfExperts(torch.autograd.Function):
             if rank_factor != 1.0:
                 grad_rank.mul_(rank_factor)
         if grad_x is not None and base is not None:
-            grad_x = torch.addmm(grad_x, grad_out, base[0])  # the base layer's input gradient
+            grad_x = grad_x.addmm_(grad_out, base[0])  # the base layer's input gradient, added in place
         if grad_x is not None:
             grad_x = grad_x.view(input_shape)
         if base is not None:

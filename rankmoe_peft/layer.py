@@ -266,10 +266,11 @@ class RankMoELayer(BaseTunerLayer):
         gated = (hidden.unflatten(-1, (num_experts, columns)) * gates.unsqueeze(-1)).flatten(-2)  # (..., E*R)
         return torch.matmul(gated, B.reshape(num_experts * columns, -1))  # (..., out)
 
-    def _inference_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+    def _inference_delta(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor | None = None,
+                         owns_result: bool = False) -> torch.Tensor:
         """The same delta from the cached active columns: one matmul (with the router bias) gives the K kept
-        columns of all experts and the E router logits; the last matmul adds into `result` when given."""
+        columns of all experts and the E router logits; the last matmul adds into `result` when given, in place
+        when the caller made `result` itself (`owns_result`; an out-of-place addmm first copies it)."""
         fused, bias, expert_of_column, B_active = self._active_columns(adapter_name)
         kept = expert_of_column.numel()
         hidden, logits = F.linear(x, fused, bias).split([kept, fused.shape[0] - kept], dim=-1)  # (..., K), (..., E)
@@ -277,6 +278,8 @@ class RankMoELayer(BaseTunerLayer):
         mixed = hidden * gates.index_select(-1, expert_of_column)  # (..., K)
         if result is None:
             return torch.matmul(mixed, B_active)  # (..., out)
+        if owns_result:
+            return result.view(-1, result.shape[-1]).addmm_(mixed.flatten(0, -2), B_active).view(result.shape)
         # flatten, not view(-1, K): with every rank 0 (K = 0) the leading size cannot be inferred from 0 elements
         return torch.addmm(result.reshape(-1, result.shape[-1]), mixed.flatten(0, -2), B_active).view(result.shape)
 
@@ -327,12 +330,13 @@ class Linear(nn.Module, RankMoELayer):
         self.register_load_state_dict_pre_hook(_pad_truncated_state)
 
     def folded_base(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, tuple] | None:
-        """(adapter name, (weight, bias) of the base layer) when this call's training path may compute the base
-        layer inside the adapter's autograd node, else None: a plain, frozen `nn.Linear` without hooks, one active
-        adapter, no dropout, no autocast, one dtype. Its output and gradients are the same; the step loses the base
-        layer's own nodes (~3% of a width-32 step). Written with direct dict reads, cheapest checks first: it runs
-        on every call."""
-        if args or kwargs or self._disable_adapters or not torch.is_grad_enabled() or _any_autocast_enabled():
+        """(adapter name, (weight, bias) of the base layer) when this call may compute the base layer itself, else
+        None: a plain, frozen `nn.Linear` without hooks, one active adapter, no dropout, no autocast, one dtype.
+        Training then runs base layer and adapter as one autograd node (the step loses the base layer's own nodes,
+        ~3% of a width-32 step); inference adds the adapter into the base output in place (no copy of it, which no
+        hook can have seen). Outputs and gradients are the same. Written with direct dict reads, cheapest checks
+        first: it runs on every call."""
+        if args or kwargs or self._disable_adapters or _any_autocast_enabled():
             return None
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear:
@@ -361,7 +365,10 @@ class Linear(nn.Module, RankMoELayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         folded = self.folded_base(x, *args, **kwargs)
         if folded is not None:
-            return self._mixture(folded[0], x, None, base=folded[1])
+            name, base = folded
+            if torch.is_grad_enabled():
+                return self._mixture(name, x, None, base=base)
+            return self._inference_delta(name, x, F.linear(x, *base), owns_result=True)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result

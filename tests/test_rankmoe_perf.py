@@ -43,7 +43,7 @@ class DenormalWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket.__name__)
-        if name in ("mm", "addmm", "bmm", "baddbmm"):
+        if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm"):
             self.matmuls += 1
         outputs = [] if "empty" in name else out if isinstance(out, (tuple, list)) else [out]  # empty*: uninitialised
         flat = [*args, *(kwargs or {}).values(), *outputs]
@@ -262,6 +262,16 @@ def test_folded_base_layer_gives_the_gradients_of_the_unfolded_path():
     assert calls  # the hook saw the base layer run
     for mine, reference in zip(folded, unfolded):
         torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+
+    with torch.no_grad():  # inference adds into the base output in place only when it made that output itself
+        folded_out = layer(x)
+        seen = []
+        handle = layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+        unfolded_out = layer(x)
+        handle.remove()
+        torch.testing.assert_close(seen[0], layer.base_layer(x))  # what the hook kept was not added into
+        torch.testing.assert_close(folded_out, unfolded_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(folded_out, reference_layer(layer, x), rtol=1e-5, atol=1e-6)
 
     layer.base_layer.weight.requires_grad_(True)
     layer(x).sum().backward()
