@@ -278,10 +278,11 @@ class RankMoELayer(BaseTunerLayer):
         mixed = hidden * gates.index_select(-1, expert_of_column)  # (..., K)
         if result is None:
             return torch.matmul(mixed, B_active)  # (..., out)
+        # (N, K) with N given: with every rank 0 (K = 0) it cannot be inferred from 0 elements; N = 1 for a 1-D x
+        mixed = mixed.reshape(mixed.shape[:-1].numel(), kept)
         if owns_result:
-            return result.view(-1, result.shape[-1]).addmm_(mixed.flatten(0, -2), B_active).view(result.shape)
-        # flatten, not view(-1, K): with every rank 0 (K = 0) the leading size cannot be inferred from 0 elements
-        return torch.addmm(result.reshape(-1, result.shape[-1]), mixed.flatten(0, -2), B_active).view(result.shape)
+            return result.view(-1, result.shape[-1]).addmm_(mixed, B_active).view(result.shape)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), mixed, B_active).view(result.shape)
 
     def _active_columns(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """[A restricted to the columns with a non-zero mask | router weight] as a (K+E, in) weight, its bias

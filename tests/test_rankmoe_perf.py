@@ -278,6 +278,21 @@ def test_folded_base_layer_gives_the_gradients_of_the_unfolded_path():
     assert layer.base_layer.weight.grad is not None and layer.base_layer.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("discretize", [False, True], ids=["searching", "discretized"])
+def test_a_single_token_without_batch_dimension_works_like_nn_linear(discretize):
+    """x of shape (in,), as nn.Linear accepts: the same output as the one-row batch, with and without autograd."""
+    layer = peaked_layer(discretize=discretize, std=0.5)
+    x = torch.randn(12)
+    expected = reference_layer(layer, x[None])[0]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        handle = layer.base_layer.register_forward_hook(lambda *args: None)  # the unfolded path
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        handle.remove()
+
+
 @pytest.mark.parametrize("changed", ["rankmoe_A", "rankmoe_rank", "router", "input", "base"])
 def test_a_tensor_changed_in_place_before_backward_is_an_error(changed):
     """The node keeps its tensors on ctx rather than in save_for_backward; it still refuses, as autograd does, to
