@@ -149,7 +149,7 @@ class MixtureOfExperts(torch.autograd.Function):
     Why one node: at small widths a layer's step costs the number of kernels, autograd nodes and Python calls, not
     flops. A width-32 layer's training step, base layer included, dispatches 62 aten ops (23 forward, 39 backward,
     gradient accumulation counted), LoRA's 39 (14, 25); through plain autograd the same math took 25 nodes
-    (benchmarks/bench_layers.py --preset tiny: 1.44x LoRA's step; 1.51x before the tensors left save_for_backward
+    (benchmarks/bench_layers.py --preset tiny: 1.46x LoRA's step; 1.51x before the tensors left save_for_backward
     and the layer's per-call checks were cut, 1.54x before the rank mask was made in the shape it is used in, 1.61x
     before the gated values were kept for dL/dB and A's columns written in place, 1.81x before the base layer
     joined this node, 2.43x through plain autograd). With `fuse_router` (token router) the
