@@ -212,7 +212,7 @@ class MixtureOfExperts(torch.autograd.Function):
         (column_scale, matrix, hidden, gated, gates, router_input, B_rows, x, A, B, weight, rank, versions,
          rank_factor, fuse_router, input_shape, base) = ctx.kept
         if versions != _versions(x, A, B, weight, rank, base):
-            _raise_changed_in_place((x, A, B, weight, rank) + (() if base is None else base[:1]), versions)
+            _raise_changed_in_place(versions, x, A, B, weight, rank, base)
         num_experts, _, columns = A.shape
         units, tokens = gates.shape[0], x.shape[0]
         _, need_x, need_A, need_B, need_weight, need_bias, need_rank, _, _ = ctx.needs_input_grad
@@ -266,8 +266,10 @@ def _versions(x, A, B, weight, rank, base) -> tuple[int, ...]:
 _INPUT_NAMES = ("the layer input", "rankmoe_A", "rankmoe_B", "the router weight", "rankmoe_rank", "the base layer weight")
 
 
-def _raise_changed_in_place(tensors: tuple[torch.Tensor, ...], versions: tuple[int, ...]) -> None:
-    """The error autograd gives for a saved tensor changed between forward and backward, naming the tensor."""
+def _raise_changed_in_place(versions: tuple[int, ...], x, A, B, weight, rank, base) -> None:
+    """The error autograd gives for a saved tensor changed between forward and backward, naming the tensor; the
+    arguments are those of `_versions`."""
+    tensors = (x, A, B, weight, rank) if base is None else (x, A, B, weight, rank, base[0])
     changed = [f"{name} {tuple(t.shape)} is at version {t._version}, expected {v}"
                for name, t, v in zip(_INPUT_NAMES, tensors, versions) if t._version != v]
     raise RuntimeError(
